@@ -1,0 +1,1 @@
+"""kanbanctl: the light client CLI for kanband."""

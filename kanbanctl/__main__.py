@@ -1,0 +1,3 @@
+from kanbanctl.cli import main
+
+raise SystemExit(main())

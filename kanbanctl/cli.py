@@ -1,0 +1,614 @@
+"""kanbanctl: the light client for the kanband board.
+
+Exit codes: 0 ok, 1 refused or failed, 2 usage error, 3 daemon unreachable,
+4 timed out. Errors go to stderr; `--json` prints one JSON document on stdout.
+Imports only the protocol, paths and errors modules of kanband: no asyncio,
+structlog or psutil here (a test enforces it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, NoReturn
+
+from kanband import __version__
+from kanband.errors import KanbanError
+from kanband.paths import client_socket
+from kanband.protocol import Client, TimedOut, Unreachable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+WORKER_RETRY_SECONDS = 60.0  # a worker's kanbanctl waits out a daemon restart
+
+ICONS = {"triage": "?", "todo": "○", "ready": "◎", "running": "▶", "blocked": "■",
+         "done": "✔", "archived": "▫"}
+
+
+class UsageError(Exception):
+    pass
+
+
+# -- plumbing -------------------------------------------------------------------
+class Ctx:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.json = bool(getattr(args, "json", False))
+        self.token = os.environ.get("KANBAN_RUN_TOKEN") or None
+        try:
+            self.socket = str(client_socket(args.socket, args.home))
+        except KanbanError as e:
+            raise UsageError(e.message) from None
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def _connect(self) -> Client:
+        deadline = time.monotonic() + (WORKER_RETRY_SECONDS if self.token else 0)
+        while True:
+            try:
+                return Client(self.socket, timeout=self.args.timeout, token=self.token).connect()
+            except Unreachable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    def call(self, method: str, **params: Any) -> Any:
+        params = {k: v for k, v in params.items() if v is not None}
+        return self.client.call(method, params)
+
+    def out(self, doc: Any) -> None:
+        json.dump(doc, sys.stdout, indent=2, sort_keys=False, default=str)
+        sys.stdout.write("\n")
+
+
+def _ago(ts: float | None, now: float | None = None) -> str:
+    if ts is None:
+        return "-"
+    d = (now or time.time()) - ts
+    future = d < 0
+    d = abs(d)
+    if d < 60:
+        s = f"{d:.0f}s"
+    elif d < 3600:
+        s = f"{d / 60:.0f}m"
+    elif d < 86400:
+        s = f"{d / 3600:.1f}h"
+    else:
+        s = f"{d / 86400:.1f}d"
+    return f"in {s}" if future else f"{s} ago"
+
+
+def _stamp(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def task_line(t: dict[str, Any]) -> str:
+    icon = ICONS.get(t["status"], " ")
+    who = t["assignee"] or "-"
+    pri = f"p{t['priority']}" if t["priority"] else "  "
+    line = f"{icon} {t['id']}  {t['status']:<8} {pri:>3}  {who:<12} {t['title']}"
+    if t.get("tenant"):
+        line += f"  [{t['tenant']}]"
+    return line
+
+
+def _duration_arg(text: str) -> float:
+    from kanband.config import parse_duration
+    try:
+        seconds = parse_duration(text, "duration")
+    except KanbanError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be greater than zero")
+    return seconds
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than zero, got {text!r}")
+    return v
+
+
+def _metadata(text: str) -> dict[str, Any]:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"tests\": 12}'")
+    return v
+
+
+# -- verbs ------------------------------------------------------------------------
+def cmd_init(ctx: Ctx) -> int:
+    from kanband.config import load
+    from kanband.paths import resolve_daemon_paths
+    a = ctx.args
+    try:
+        paths = resolve_daemon_paths(a.home, a.socket)
+        config = load(paths.config)
+    except KanbanError as e:
+        print(f"kanbanctl: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
+    paths.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    running = None
+    try:
+        running = Client(str(paths.socket), timeout=2).connect().call("daemon.status", {})
+    except (Unreachable, TimedOut, KanbanError):
+        pass
+    doc = {"home": str(paths.home), "db": str(paths.db), "socket": str(paths.socket),
+           "pidfile": str(paths.pidfile), "config": str(paths.config) if paths.config else None,
+           "profiles": {n: list(p.command) for n, p in sorted(config.profiles.items())},
+           "daemon_pid": running["pid"] if running else None}
+    if ctx.json:
+        ctx.out(doc)
+        return EXIT_OK
+    print(f"home:     {doc['home']}")
+    print(f"database: {doc['db']}")
+    print(f"socket:   {doc['socket']}")
+    print(f"pidfile:  {doc['pidfile']}")
+    print(f"config:   {doc['config'] or '(none: defaults; create ' + str(paths.home / 'kanband.toml') + ')'}")
+    print("profiles:")
+    for name, cmd in doc["profiles"].items():
+        print(f"  {name:<12} {' '.join(cmd)}")
+    print(f"daemon:   {'running, pid ' + str(running['pid']) if running else 'not running'}")
+    print("\nnext steps:")
+    if not running:
+        print(f"  kanband --home {doc['home']} &        # start the daemon")
+    print("  kanbanctl create 'hello' --assignee shell --body 'echo hello'")
+    print("  kanbanctl list")
+    return EXIT_OK
+
+
+def cmd_create(ctx: Ctx) -> int:
+    a = ctx.args
+    workspace = a.workspace
+    if workspace == "worktree":
+        workspace = "worktree:" + os.getcwd()
+    elif workspace and workspace.startswith("dir:") and not os.path.isabs(workspace[4:]):
+        workspace = "dir:" + os.path.abspath(workspace[4:])
+    created_by = a.created_by or os.environ.get("KANBAN_PROFILE") or _user()
+    r = ctx.call("task.create", title=a.title, body=a.body, assignee=a.assignee,
+                 parents=a.parent or None, workspace=workspace, tenant=a.tenant,
+                 priority=a.priority, triage=a.triage or None,
+                 idempotency_key=a.idempotency_key, max_runtime=a.max_runtime,
+                 created_by=created_by, skills=a.skill or None)
+    t = r["task"]
+    if ctx.json:
+        ctx.out({**t, "created": r["created"]})
+        return EXIT_OK
+    if r.get("warning"):
+        print(f"kanbanctl: warning: {r['warning']}", file=sys.stderr)
+    if a.quiet:
+        print(t["id"])
+    elif r["created"]:
+        print(f"created {t['id']} [{t['status']}] {t['title']}")
+    else:
+        print(f"exists  {t['id']} [{t['status']}] {t['title']} (idempotency key matched)")
+    return EXIT_OK
+
+
+def _user() -> str:
+    import getpass
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.getuid())
+
+
+def cmd_list(ctx: Ctx) -> int:
+    a = ctx.args
+    statuses = [s for part in (a.status or []) for s in part.split(",") if s]
+    assignee, created_by = a.assignee, None
+    if a.mine:
+        if os.environ.get("KANBAN_PROFILE"):
+            assignee = os.environ["KANBAN_PROFILE"]
+        else:
+            created_by = _user()
+    if a.archived and not statuses:
+        statuses = ["archived"] if a.archived == "only" else []
+    r = ctx.call("task.list", status=statuses or None, assignee=assignee, tenant=a.tenant,
+                 created_by=created_by, archived=bool(a.archived) or None)
+    tasks = r["tasks"]
+    if ctx.json:
+        ctx.out(tasks)
+        return EXIT_OK
+    if not tasks:
+        print("(no tasks)")
+    for t in tasks:
+        print(task_line(t))
+    return EXIT_OK
+
+
+def cmd_show(ctx: Ctx) -> int:
+    r = ctx.call("task.show", id=ctx.args.id)
+    if ctx.json:
+        ctx.out(r)
+        return EXIT_OK
+    t = r["task"]
+    print(f"{ICONS.get(t['status'], ' ')} {t['id']}  {t['title']}")
+    print(f"  status:    {t['status']}" + (f"  ({t['waiting_reason']})" if t["waiting_reason"] else ""))
+    print(f"  assignee:  {t['assignee'] or '-'}   priority: {t['priority']}   tenant: {t['tenant'] or '-'}")
+    print(f"  workspace: {t['workspace_kind']} {t['workspace_path'] or ''}")
+    print(f"  created:   {_stamp(t['created_at'])} by {t['created_by'] or '-'}")
+    if t["started_at"]:
+        print(f"  started:   {_stamp(t['started_at'])}")
+    if t["completed_at"]:
+        print(f"  completed: {_stamp(t['completed_at'])}")
+    if t["max_runtime_seconds"]:
+        print(f"  max runtime: {t['max_runtime_seconds']:g}s")
+    if t["skills"]:
+        print(f"  skills:    {', '.join(t['skills'])}")
+    if t["current_run_id"]:
+        print(f"  run:       {t['current_run_id']} pid={t['worker_pid'] or '-'} "
+              f"lease={_ago(t['lease_expires'])} heartbeat={_ago(t['last_heartbeat_at'])}")
+    if t["consecutive_failures"]:
+        print(f"  failures:  {t['consecutive_failures']} (last: {t['last_failure_error']})")
+    if t["result"]:
+        print(f"  result:    {t['result']}")
+    if t["body"]:
+        print("\n" + "\n".join("  " + ln for ln in t["body"].splitlines()))
+    for label, key in (("parents", "parents"), ("children", "children")):
+        if r[key]:
+            print(f"\n{label}:")
+            for x in r[key]:
+                print("  " + task_line(x))
+    if r["runs"]:
+        print("\nruns:")
+        for run in r["runs"]:
+            print("  " + _run_line(run))
+    if r["comments"]:
+        print("\ncomments:")
+        for c in r["comments"]:
+            print(f"  [{_stamp(c['created_at'])}] {c['author'] or '-'}: {c['body']}")
+    if r["events"]:
+        print("\nevents:")
+        for e in r["events"][-20:]:
+            print("  " + _event_line(e))
+    return EXIT_OK
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    end = run["outcome"] or "active"
+    line = f"{run['id']} {end:<12} {run['claimer']}  {_stamp(run['started_at'])}"
+    if run["exit_code"] is not None:
+        line += f" exit={run['exit_code']}"
+    if run["signal"] is not None:
+        line += f" signal={run['signal']}"
+    if run["summary"]:
+        line += f"  — {run['summary'].splitlines()[0][:100] if run['summary'].strip() else ''}"
+    if run["error"]:
+        line += f"  ! {run['error'].splitlines()[0][:160] if run['error'].strip() else ''}"
+    return line
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    payload = " ".join(f"{k}={v}" for k, v in (e.get("payload") or {}).items() if v is not None)
+    return f"#{e['id']:<6} {_stamp(e['created_at'])} {e['task_id'] or '-'} {e['kind']:<10} {payload}"
+
+
+def cmd_assign(ctx: Ctx) -> int:
+    r = ctx.call("task.assign", id=ctx.args.id, assignee=ctx.args.profile,
+                 force=ctx.args.force or None)
+    return _task_done(ctx, r["task"], f"assigned to {r['task']['assignee'] or '(nobody)'}")
+
+
+def _task_done(ctx: Ctx, task: dict[str, Any], what: str) -> int:
+    if ctx.json:
+        ctx.out(task)
+    else:
+        print(f"{task['id']}: {what} [{task['status']}]")
+    return EXIT_OK
+
+
+def cmd_link(ctx: Ctx) -> int:
+    verb = "task.link" if ctx.args.verb == "link" else "task.unlink"
+    r = ctx.call(verb, parent=ctx.args.parent, child=ctx.args.child)
+    return _task_done(ctx, r["task"], f"{ctx.args.verb}ed parent {ctx.args.parent}")
+
+
+def cmd_claim(ctx: Ctx) -> int:
+    r = ctx.call("task.claim", id=ctx.args.id, ttl=ctx.args.ttl)
+    if ctx.json:
+        ctx.out({"run_id": r["run_id"], "token": r["token"], "workspace": r["workspace"],
+                 "lease_expires": r["lease_expires"], "task_id": ctx.args.id})
+        return EXIT_OK
+    print(f"claimed {ctx.args.id}: run {r['run_id']}, lease {_ago(r['lease_expires'])}")
+    print(f"workspace: {r['workspace']}")
+    print(f"token (shown once): {r['token']}")
+    print(f"report back with: KANBAN_RUN_TOKEN={r['token']} kanbanctl complete {ctx.args.id}")
+    return EXIT_OK
+
+
+def cmd_comment(ctx: Ctx) -> int:
+    r = ctx.call("task.comment", id=ctx.args.id, body=" ".join(ctx.args.text),
+                 author=ctx.args.author or os.environ.get("KANBAN_PROFILE") or _user())
+    if ctx.json:
+        ctx.out(r["comment"])
+    else:
+        print(f"{ctx.args.id}: comment #{r['comment']['id']} added")
+    return EXIT_OK
+
+
+def _many(ctx: Ctx, method: str, ids: list[str], what: str, **params: Any) -> int:
+    """Run one method over several ids (pipelined); exit 1 if any was refused."""
+    params = {k: v for k, v in params.items() if v is not None}
+    results = ctx.client.call_many([(method, {"id": i, **params}) for i in ids])
+    failed = 0
+    docs = []
+    for i, r in zip(ids, results):
+        if isinstance(r, KanbanError):
+            failed += 1
+            print(f"kanbanctl: {r.message}", file=sys.stderr)
+            docs.append({"id": i, "error": {"code": r.code, "message": r.message}})
+        else:
+            docs.append(r["task"])
+            if not ctx.json:
+                print(f"{i}: {what} [{r['task']['status']}]")
+    if ctx.json:
+        ctx.out(docs[0] if len(ids) == 1 and not failed else docs)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_complete(ctx: Ctx) -> int:
+    a = ctx.args
+    if len(a.ids) > 1 and (a.summary is not None or a.metadata is not None or a.result is not None):
+        raise UsageError("--result, --summary and --metadata go with exactly one task id")
+    return _many(ctx, "task.complete", a.ids, "completed", result=a.result,
+                 summary=a.summary, metadata=a.metadata)
+
+
+def cmd_block(ctx: Ctx) -> int:
+    a = ctx.args
+    if a.ids:
+        ids, reason = a.ids, " ".join(a.args) or None
+    else:
+        if not a.args:
+            raise UsageError("block needs a task id (or --ids ID...)")
+        ids, reason = [a.args[0]], " ".join(a.args[1:]) or None
+    return _many(ctx, "task.block", ids, "blocked", reason=reason)
+
+
+def cmd_simple_many(method: str, what: str) -> Callable[[Ctx], int]:
+    return lambda ctx: _many(ctx, method, ctx.args.ids, what)
+
+
+def cmd_heartbeat(ctx: Ctx) -> int:
+    r = ctx.call("task.heartbeat", id=ctx.args.id, note=ctx.args.note)
+    return _task_done(ctx, r["task"], f"heartbeat; lease until {_stamp(r['task']['lease_expires'])}"
+                      if r["task"]["lease_expires"] else "heartbeat")
+
+
+def cmd_runs(ctx: Ctx) -> int:
+    r = ctx.call("task.runs", id=ctx.args.id)
+    if ctx.json:
+        ctx.out(r["runs"])
+        return EXIT_OK
+    if not r["runs"]:
+        print("(no runs)")
+    for run in r["runs"]:
+        print(_run_line(run))
+    return EXIT_OK
+
+
+def cmd_context(ctx: Ctx) -> int:
+    r = ctx.call("task.context", id=ctx.args.id)
+    if ctx.json:
+        ctx.out(r)
+    else:
+        sys.stdout.write(r["text"] + ("\n" if not r["text"].endswith("\n") else ""))
+    return EXIT_OK
+
+
+def cmd_stats(ctx: Ctx) -> int:
+    r = ctx.call("board.stats")
+    if ctx.json:
+        ctx.out(r)
+        return EXIT_OK
+    print("  ".join(f"{ICONS[s]} {s} {n}" for s, n in r["by_status"].items()))
+    print(f"total {r['total']}, running workers {r['running_workers']}, "
+          f"oldest ready {r['oldest_ready_age_seconds'] if r['oldest_ready_age_seconds'] is not None else '-'}s, "
+          f"events {r['events']}, db {r['db_bytes'] / 1024:.0f} KiB")
+    for name, counts in sorted(r["by_assignee"].items()):
+        print(f"  {name or '(unassigned)':<14} " + " ".join(f"{s}={n}" for s, n in sorted(counts.items())))
+    return EXIT_OK
+
+
+def cmd_assignees(ctx: Ctx) -> int:
+    r = ctx.call("board.assignees")
+    if ctx.json:
+        ctx.out(r["assignees"])
+        return EXIT_OK
+    for a in r["assignees"]:
+        kind = "profile" if a["profile"] else "external"
+        counts = " ".join(f"{s}={n}" for s, n in sorted(a["counts"].items())) or "no tasks"
+        print(f"{a['name']:<14} {kind:<9} {counts}")
+    return EXIT_OK
+
+
+def cmd_status(ctx: Ctx) -> int:
+    r = ctx.call("daemon.status")
+    if ctx.json:
+        ctx.out(r)
+        return EXIT_OK
+    print(f"kanband {r['version']} pid {r['pid']}, up {r['uptime_seconds']:.0f}s"
+          + (", dispatch PAUSED" if r["paused"] else ""))
+    for k in ("home", "db", "socket", "pidfile", "logs"):
+        print(f"  {k:<8} {r['paths'][k]}")
+    print(f"  config   {r['config'] or '(defaults)'}")
+    print("  tasks    " + " ".join(f"{s}={n}" for s, n in sorted(r["counts"].items())) or "none")
+    print(f"  workers  {r['running_workers']}/{r['max_workers']}")
+    for w in r["workers"]:
+        print(f"    {w['task_id']} run {w['run_id']} pid {w['pid']} {w['profile']} "
+              f"up {w.get('elapsed_seconds', 0):.0f}s")
+    return EXIT_OK
+
+
+def cmd_daemon(ctx: Ctx) -> int:
+    argv = [sys.executable, "-m", "kanband"]
+    if ctx.args.home:
+        argv += ["--home", ctx.args.home]
+    if ctx.args.socket:
+        argv += ["--socket", ctx.args.socket]
+    os.execv(sys.executable, argv + ctx.args.rest)
+
+
+# -- parser -----------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="kanbanctl", description="Drive the kanband task board.",
+               epilog="exit codes: 0 ok, 1 refused/failed, 2 usage error, "
+                      "3 daemon unreachable, 4 timed out")
+    p.add_argument("--version", action="version", version=f"kanbanctl {__version__}")
+    p.add_argument("--socket", metavar="PATH", help="daemon socket (default: $KANBAN_SOCKET, "
+                   "$KANBAN_HOME/kanband.sock, then the user, hand-started and system paths)")
+    p.add_argument("--home", metavar="DIR", help="kanband home; its socket is DIR/kanband.sock")
+    p.add_argument("--timeout", metavar="SECONDS", type=_positive, default=30.0,
+                   help="how long to wait for the daemon to answer (default 30)")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    sub.required = True
+    js = argparse.ArgumentParser(add_help=False)
+    js.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    def verb(name: str, fn: Callable[[Ctx], int], help: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, parents=[js], aliases=list(aliases))
+        sp.set_defaults(fn=fn)
+        return sp
+
+    verb("init", cmd_init, "print home, database, socket, profiles and next steps")
+
+    s = verb("create", cmd_create, "create a task")
+    s.add_argument("title", help="one-line title (1..500 characters)")
+    s.add_argument("--body", help="the task text; for the shell profile, the script to run")
+    s.add_argument("--assignee", help="profile (or external worker name) to run it")
+    s.add_argument("--parent", action="append", metavar="ID",
+                   help="a task that must be done first (repeat for several)")
+    s.add_argument("--workspace", metavar="SPEC",
+                   help="scratch (default), dir:PATH, worktree (this repo) or worktree:REPO")
+    s.add_argument("--tenant", help="free-form owner/namespace label")
+    s.add_argument("--priority", type=int, default=None, help="higher runs first (default 0)")
+    s.add_argument("--triage", action="store_true", help="park in triage; never dispatched until promoted")
+    s.add_argument("--idempotency-key", metavar="K",
+                   help="return the existing live task with this key instead of a new one")
+    s.add_argument("--max-runtime", metavar="DUR", type=_duration_arg,
+                   help="runtime cap per attempt: 300, 90s, 30m, 2h, 1d")
+    s.add_argument("--created-by", metavar="WHO", help="who created it (default: $KANBAN_PROFILE or $USER)")
+    s.add_argument("--skill", action="append", metavar="S", help="a skill tag (repeat)")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the new task's id")
+
+    s = verb("list", cmd_list, "list tasks, one line each", aliases=("ls",))
+    s.add_argument("--mine", action="store_true",
+                   help="tasks assigned to $KANBAN_PROFILE (inside a worker), else created by you")
+    s.add_argument("--assignee", help="only this assignee ('none' = unassigned)")
+    s.add_argument("--status", action="append", metavar="S",
+                   help="only these statuses (repeat or comma-separate)")
+    s.add_argument("--tenant", help="only this tenant")
+    s.add_argument("--archived", action="store_const", const="include",
+                   help="include archived tasks (hidden by default)")
+
+    s = verb("show", cmd_show, "show one task with parents, children, runs, comments, events")
+    s.add_argument("id")
+
+    s = verb("assign", cmd_assign, "set the assignee ('none' unassigns)")
+    s.add_argument("id")
+    s.add_argument("profile")
+    s.add_argument("--force", action="store_true", help="reclaim a running task first")
+
+    for name in ("link", "unlink"):
+        s = verb(name, cmd_link, f"{name} a dependency: PARENT must be done before CHILD runs")
+        s.add_argument("parent")
+        s.add_argument("child")
+
+    s = verb("claim", cmd_claim, "claim a ready task as an external worker (prints a run token once)")
+    s.add_argument("id")
+    s.add_argument("--ttl", type=_positive, metavar="SECONDS",
+                   help="lease length; heartbeat renews it (default daemon.claim_ttl)")
+
+    s = verb("comment", cmd_comment, "add a comment")
+    s.add_argument("id")
+    s.add_argument("text", nargs="+")
+    s.add_argument("--author", help="default: $KANBAN_PROFILE or $USER")
+
+    s = verb("complete", cmd_complete, "mark tasks done")
+    s.add_argument("ids", nargs="+", metavar="ID")
+    s.add_argument("--result", help="the result (default: the summary)")
+    s.add_argument("--summary", help="what was done (recorded on the run; one id only)")
+    s.add_argument("--metadata", type=_metadata, metavar="JSON",
+                   help="a JSON object recorded on the run (one id only)")
+
+    s = verb("block", cmd_block, "mark blocked: block ID [REASON...] or block --ids ID... [REASON]")
+    s.add_argument("args", nargs="*", metavar="ID/REASON")
+    s.add_argument("--ids", nargs="+", metavar="ID", help="block several tasks")
+
+    for name, method, what, help in (
+            ("unblock", "task.unblock", "unblocked", "blocked -> ready/todo; resets the failure counter"),
+            ("archive", "task.archive", "archived", "archive tasks (a running worker is killed first)"),
+            ("promote", "task.promote", "promoted", "triage -> todo/ready")):
+        s = verb(name, cmd_simple_many(method, what), help)
+        s.add_argument("ids", nargs="+", metavar="ID")
+
+    s = verb("heartbeat", cmd_heartbeat, "record liveness and renew the lease")
+    s.add_argument("id")
+    s.add_argument("--note", help="what the worker is doing")
+
+    s = verb("runs", cmd_runs, "list a task's runs (attempts)")
+    s.add_argument("id")
+
+    s = verb("context", cmd_context, "print the worker context document of a task")
+    s.add_argument("id")
+
+    verb("stats", cmd_stats, "counts by status and assignee")
+    verb("assignees", cmd_assignees, "configured profiles and assignees on the board, with counts")
+    verb("status", cmd_status, "daemon pid, version, uptime, paths, counts, workers")
+
+    s = sub.add_parser("daemon", help="run kanband in the foreground (same as `kanband`)")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to kanband")
+    s.set_defaults(fn=cmd_daemon)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        ctx = Ctx(args)
+        return args.fn(ctx)
+    except UsageError as e:
+        print(f"kanbanctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Unreachable as e:
+        print(f"kanbanctl: {e}\n  kanband is not running (or not at this socket). Start it with "
+              "`kanband` (foreground), `kanband --detach`, or `systemctl start kanband`; "
+              "point kanbanctl at it with --socket, --home or $KANBAN_HOME.", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except TimedOut as e:
+        print(f"kanbanctl: {e}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except KanbanError as e:
+        print(f"kanbanctl: {e.message}", file=sys.stderr)
+        return EXIT_USAGE if e.code in ("invalid_argument", "too_large") else EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

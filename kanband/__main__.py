@@ -1,0 +1,3 @@
+from kanband.daemon import main
+
+raise SystemExit(main())

@@ -1,0 +1,380 @@
+"""The board's RPC-facing operations: validate, check token scope, call one
+store operation, wake the dispatcher, return a plain dict.
+
+Handlers never fork or signal: killing a worker is the supervisor's job, and
+handlers that need one ask it through `self.supervisor`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kanband import __version__, context, states, workspace
+from kanband.config import Config
+from kanband.errors import Conflict, Forbidden, InvalidArgument, NotFound
+from kanband.params import MAX_TEXT, Params, check_skills, check_title
+from kanband.paths import DaemonPaths
+from kanband.store import Store
+
+# Methods through which a run-token holder may change only its own task.
+TOKEN_SCOPED = frozenset({"task.complete", "task.block", "task.heartbeat", "task.unblock",
+                          "task.archive", "task.assign", "task.claim", "task.reclaim"})
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_token() -> str:
+    return "kt_" + secrets.token_urlsafe(32)
+
+
+@dataclass
+class Caller:
+    """Who is asking: an operator (run is None) or the worker of one run."""
+
+    run: dict[str, Any] | None = None
+    uid: int | None = None
+    pid: int | None = None
+
+
+class Board:
+    def __init__(self, store: Store, config: Config, paths: DaemonPaths,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.config = config
+        self.paths = paths
+        self.clock = clock
+        self.started_at = clock()
+        self.started_mono = time.monotonic()
+        self.host = socket.gethostname()
+        self.wake: Callable[[], None] = lambda: None
+        self.dispatch_info: Callable[[], dict[str, Any]] = lambda: {
+            "paused": False, "running_by_profile": {}, "running": 0}
+        self.supervisor: Any = None  # set by the daemon once supervision exists
+
+    # -- caller and scope --------------------------------------------------
+    def caller_for(self, token: Any, uid: int | None = None, pid: int | None = None) -> Caller:
+        if token is None:
+            return Caller(uid=uid, pid=pid)
+        if not isinstance(token, str) or not token:
+            raise InvalidArgument("run_token: expected a string")
+        run = self.store.run_by_token_hash(hash_token(token))
+        if run is None:
+            raise Forbidden("run token is not valid")
+        return Caller(run=run, uid=uid, pid=pid)
+
+    def check_scope(self, method: str, caller: Caller, task_id: str) -> None:
+        if caller.run is None or method not in TOKEN_SCOPED:
+            return
+        run = caller.run
+        if run["task_id"] != task_id:
+            raise Forbidden(f"run token of {run['task_id']} cannot change {task_id}")
+        if run["outcome"] is not None:
+            raise Forbidden(f"run {run['id']} of {task_id} has ended ({run['outcome']}); "
+                            "its token no longer changes the task")
+
+    # -- output ------------------------------------------------------------
+    def task_out(self, task: dict[str, Any]) -> dict[str, Any]:
+        t = dict(task)
+        if t["workspace_path"] is None or t["workspace_kind"] == "worktree":
+            t["workspace_path"] = str(workspace.path_for(task, self.paths.workspaces))
+        t["waiting_reason"] = self.waiting_reason(task)
+        return t
+
+    def waiting_reason(self, task: dict[str, Any], info: dict[str, Any] | None = None) -> str | None:
+        """Why a ready/todo task is not running, in words an operator can act on."""
+        status = task["status"]
+        if status == states.TODO:
+            parents = self.store.unfinished_parents(task["id"])
+            if parents:
+                return "waiting for parent(s) to finish: " + ", ".join(parents)
+            return "waiting to be promoted"
+        if status != states.READY:
+            return None
+        now = self.clock()
+        if task["not_before"] is not None and task["not_before"] > now:
+            left = task["not_before"] - now
+            when = time.strftime("%H:%M:%S", time.localtime(task["not_before"]))
+            why = "retry backoff" if task["consecutive_failures"] else "cooldown"
+            return f"{why} until {when} ({left:.0f}s left)"
+        assignee = task["assignee"]
+        if not assignee:
+            return "no assignee: assign a profile (kanbanctl assign) or claim it (kanbanctl claim)"
+        profile = self.config.profiles.get(assignee)
+        if profile is None:
+            return (f"no profile named {assignee!r} is configured: waits for an external "
+                    f"claimer (kanbanctl claim {task['id']})")
+        info = info or self.dispatch_info()
+        if info["paused"]:
+            return "dispatch is paused (kanbanctl resume)"
+        if info["running"] >= self.config.max_workers:
+            return f"all {self.config.max_workers} worker slots are busy (daemon.max_workers)"
+        mc = profile.max_concurrency
+        if mc is not None and info["running_by_profile"].get(assignee, 0) >= mc:
+            return f"profile {assignee!r} is at its max_concurrency of {mc}"
+        return "waiting for the dispatcher"
+
+    # -- system --------------------------------------------------------------
+    def ping(self, p: Params, caller: Caller) -> dict[str, Any]:
+        p.done()
+        return {"pong": True, "version": __version__, "time": self.clock()}
+
+    def status(self, p: Params, caller: Caller) -> dict[str, Any]:
+        p.done()
+        info = self.dispatch_info()
+        return {"pid": os.getpid(), "version": __version__, "started_at": self.started_at,
+                "uptime_seconds": round(time.monotonic() - self.started_mono, 3),
+                "paths": self.paths.as_dict(), "config": self.config.source,
+                "counts": self.store.counts_by_status(), "paused": info["paused"],
+                "workers": info.get("workers", []), "running_workers": info["running"],
+                "max_workers": self.config.max_workers,
+                "profiles": sorted(self.config.profiles), "event_head": self.store.event_head()}
+
+    # -- tasks ---------------------------------------------------------------
+    def create(self, p: Params, caller: Caller) -> dict[str, Any]:
+        title = check_title(p.str("title", required=True, max_bytes=4 * 500 + 64))
+        body = p.text("body") or ""
+        assignee = p.str("assignee") or None
+        if assignee == "none":
+            assignee = None
+        parents = p.str_list("parents")
+        kind, wpath = workspace.parse_spec(p.str("workspace", max_bytes=4096))
+        fields = {
+            "title": title, "body": body, "assignee": assignee,
+            "priority": p.int("priority") or 0, "tenant": p.str("tenant") or None,
+            "workspace_kind": kind, "workspace_path": wpath,
+            "created_by": p.str("created_by") or None,
+            "skills": check_skills(p.str_list("skills")),
+            "idempotency_key": p.str("idempotency_key") or None,
+            "max_runtime_seconds": p.duration("max_runtime"),
+        }
+        triage = p.bool("triage")
+        p.done()
+        task, created = self.store.create_task(fields, parents, triage=triage, now=self.clock())
+        if created:
+            self.wake()
+        out = self.task_out(task)
+        warning = None
+        if created and out["status"] == states.READY and assignee and \
+                assignee not in self.config.profiles:
+            warning = (f"no profile named {assignee!r} is configured: the task waits for an "
+                       f"external claimer (kanbanctl claim {task['id']})")
+        return {"task": out, "created": created, "warning": warning}
+
+    def list(self, p: Params, caller: Caller) -> dict[str, Any]:
+        statuses = p.str_list("status")
+        for s in statuses:
+            if s not in states.STATUSES:
+                raise InvalidArgument(f"status: unknown status {s!r} "
+                                      f"(known: {', '.join(states.STATUSES)})")
+        tasks = self.store.list_tasks(
+            statuses=statuses or None, assignee=p.str("assignee"), tenant=p.str("tenant"),
+            created_by=p.str("created_by"), include_archived=p.bool("archived"),
+            limit=p.int("limit", minimum=1))
+        p.done()
+        info = self.dispatch_info()
+        out = []
+        for t in tasks:
+            t = dict(t)
+            if t["workspace_path"] is None or t["workspace_kind"] == "worktree":
+                t["workspace_path"] = str(workspace.path_for(t, self.paths.workspaces))
+            t["waiting_reason"] = self.waiting_reason(t, info)
+            out.append(t)
+        return {"tasks": out}
+
+    def show(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        p.done()
+        task = self.store.get_task(tid)
+        return {"task": self.task_out(task),
+                "parents": [self.task_out(t) for t in self.store.parents(tid)],
+                "children": [self.task_out(t) for t in self.store.children(tid)],
+                "comments": self.store.comments(tid),
+                "events": self.store.events(task_id=tid),
+                "runs": self.store.runs(tid)}
+
+    def assign(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        assignee = p.str("assignee")
+        force = p.bool("force")
+        p.done()
+        self.check_scope("task.assign", caller, tid)
+        if assignee in (None, "", "none"):
+            assignee = None
+        task = self.store.get_task(tid)
+        if task["status"] == states.RUNNING and force:
+            self._reclaim(task, "reassigned")
+        task = self.store.assign(tid, assignee, self.clock())
+        self.wake()
+        return {"task": self.task_out(task)}
+
+    def link(self, p: Params, caller: Caller) -> dict[str, Any]:
+        parent, child = p.task_id("parent"), p.task_id("child")
+        p.done()
+        task = self.store.link(parent, child, self.clock())
+        return {"task": self.task_out(task)}
+
+    def unlink(self, p: Params, caller: Caller) -> dict[str, Any]:
+        parent, child = p.task_id("parent"), p.task_id("child")
+        p.done()
+        task = self.store.unlink(parent, child, self.clock())
+        self.wake()
+        return {"task": self.task_out(task)}
+
+    def claim(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        ttl = p.number("ttl", minimum=1)
+        who = p.str("claimer") or getpass.getuser()
+        p.done()
+        self.check_scope("task.claim", caller, tid)
+        task = self.store.get_task(tid)
+        try:
+            ws = workspace.prepare(task, self.paths.workspaces)
+        except OSError as e:
+            raise Conflict(f"cannot claim {tid}: {e}") from None
+        token = new_token()
+        run = self.store.claim(tid, claimer=f"external:{who}", profile=task["assignee"],
+                               lease_ttl=ttl or self.config.claim_ttl,
+                               token_hash=hash_token(token), now=self.clock())
+        self.on_lease_change()
+        full = self.store.get_run(run["id"])
+        return {"run_id": run["id"], "token": token, "workspace": str(ws),
+                "lease_expires": full["lease_expires"], "task": self.task_out(
+                    self.store.get_task(tid))}
+
+    def comment(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        body = p.text("body", required=True)
+        author = p.str("author")
+        p.done()
+        if not body or not body.strip():
+            raise InvalidArgument("body: a comment must not be empty")
+        if author is None and caller.run is not None:
+            author = caller.run["profile"] or caller.run["claimer"]
+        return {"comment": self.store.comment(tid, author, body, self.clock())}
+
+    def complete(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        result, summary = p.text("result"), p.text("summary")
+        metadata = p.metadata()
+        p.done()
+        self.check_scope("task.complete", caller, tid)
+        task = self.store.complete(tid, result=result, summary=summary, metadata=metadata,
+                                   now=self.clock())
+        self.after_run_closed(task)
+        return {"task": self.task_out(task)}
+
+    def block(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        reason = p.text("reason")
+        p.done()
+        self.check_scope("task.block", caller, tid)
+        task = self.store.block(tid, reason, self.clock())
+        self.after_run_closed(task)
+        return {"task": self.task_out(task)}
+
+    def unblock(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        p.done()
+        self.check_scope("task.unblock", caller, tid)
+        task = self.store.unblock(tid, self.clock())
+        self.wake()
+        return {"task": self.task_out(task)}
+
+    def archive(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        p.done()
+        self.check_scope("task.archive", caller, tid)
+        task = self.store.get_task(tid)
+        if task["status"] == states.RUNNING and self.supervisor is not None:
+            self.supervisor.stop_run(task["current_run_id"], "archived")
+        task = self.store.archive(tid, self.clock())
+        self.after_run_closed(task)
+        return {"task": self.task_out(task)}
+
+    def promote(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        p.done()
+        task = self.store.promote(tid, self.clock())
+        self.wake()
+        return {"task": self.task_out(task)}
+
+    def reclaim(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        p.done()
+        self.check_scope("task.reclaim", caller, tid)
+        task = self.store.get_task(tid)
+        if task["status"] != states.RUNNING:
+            raise Conflict(states.refusal("reclaim", tid, task["status"]),
+                           {"task_id": tid, "status": task["status"]})
+        self._reclaim(task, "operator reclaim")
+        self.wake()
+        return {"task": self.task_out(self.store.get_task(tid))}
+
+    def _reclaim(self, task: dict[str, Any], reason: str) -> None:
+        run_id = task["current_run_id"]
+        if self.supervisor is not None:
+            self.supervisor.stop_run(run_id, reason)
+        self.store.end_run(run_id, "reclaimed", now=self.clock(),
+                           failure_limit=self.config.failure_limit, backoff=self.config.backoff,
+                           error=reason, payload={"reason": reason})
+
+    def heartbeat(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        note = p.str("note", max_bytes=MAX_TEXT)
+        p.done()
+        self.check_scope("task.heartbeat", caller, tid)
+        task = self.store.heartbeat(tid, note, self.clock())
+        self.on_lease_change()
+        return {"task": self.task_out(task)}
+
+    def runs(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        p.done()
+        return {"runs": self.store.runs(tid)}
+
+    def context(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        p.done()
+        task = self.store.get_task(tid)
+        ws = str(workspace.path_for(task, self.paths.workspaces))
+        return {"task_id": tid, "text": context.render(self.store, task, ws)}
+
+    # -- board -------------------------------------------------------------
+    def stats(self, p: Params, caller: Caller) -> dict[str, Any]:
+        p.done()
+        now = self.clock()
+        by_status = {s: 0 for s in states.STATUSES}
+        by_status.update(self.store.counts_by_status())
+        oldest = self.store.oldest_ready_created_at()
+        info = self.dispatch_info()
+        return {"by_status": by_status,
+                "by_assignee": self.store.counts_by_assignee(),
+                "oldest_ready_age_seconds": None if oldest is None else round(now - oldest, 3),
+                "running": by_status[states.RUNNING], "running_workers": info["running"],
+                "total": sum(by_status.values()), "events": self.store.event_count(),
+                "event_head": self.store.event_head(), "db_bytes": self.store.db_size_bytes()}
+
+    def assignees(self, p: Params, caller: Caller) -> dict[str, Any]:
+        p.done()
+        counts = self.store.counts_by_assignee()
+        names = sorted(set(self.config.profiles) | {a for a in counts if a})
+        return {"assignees": [
+            {"name": n, "profile": n in self.config.profiles,
+             "counts": counts.get(n, {}), "total": sum(counts.get(n, {}).values())}
+            for n in names]}
+
+    # -- hooks the daemon fills in -------------------------------------------
+    def on_lease_change(self) -> None:
+        """Called after a claim or heartbeat so the lease timer can re-arm."""
+
+    def after_run_closed(self, task: dict[str, Any]) -> None:
+        self.wake()

@@ -1,0 +1,261 @@
+"""kanband: wiring, signals, ordered start-up and shutdown.
+
+Start-up: config -> pidfile lock -> database -> socket -> pidfile written ->
+serve. Shutdown (SIGTERM/SIGINT): stop accepting, close clients, close the
+database, remove socket and pidfile, exit 0. Signal handlers only record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from kanband import __version__, logs
+from kanband import config as config_mod
+from kanband.board import Board
+from kanband.errors import KanbanError
+from kanband.paths import DaemonPaths, resolve_daemon_paths
+from kanband.pidfile import AlreadyRunning, PidFile
+from kanband.rpc import RpcServer
+from kanband.store import Store
+
+log = structlog.get_logger("kanband")
+
+SWEEP_SECONDS = 2.0  # safety sweep: leases, timers, dispatch
+
+
+class StartupError(Exception):
+    """Start-up failed for a reason the operator can fix; exit non-zero."""
+
+
+def bind_socket(path: Path, mode: int, group: str) -> socket.socket:
+    """Bind the listening socket, replacing a stale one; refuse a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody answers: a dead daemon's socket
+        else:
+            raise StartupError(f"another kanband is serving at {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot bind {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    if group:
+        import grp
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except (KeyError, PermissionError) as e:
+            sock.close()
+            raise StartupError(f"socket_group {group!r}: cannot give the socket to it: {e}") from None
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    def __init__(self, paths: DaemonPaths, config: config_mod.Config) -> None:
+        self.paths = paths
+        self.config = config
+        self.pidfile = PidFile(paths.pidfile)
+        self.store: Store | None = None
+        self.board: Board | None = None
+        self.rpc: RpcServer | None = None
+        self.sock: socket.socket | None = None
+        self.stop_event: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._lease_timer: asyncio.TimerHandle | None = None
+        self._owns_socket = False
+
+    # -- start-up ------------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything before the event loop; raises StartupError/AlreadyRunning."""
+        for d in (self.paths.home,):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in (self.paths.logs, self.paths.runs, self.paths.workspaces):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pidfile.acquire()
+        # SQLite gives -wal and -shm the database file's mode: make it private first.
+        os.close(os.open(self.paths.db, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+        try:
+            self.store = Store(self.paths.db, self.config.durability)
+        except KanbanError as e:
+            raise StartupError(e.message) from None
+        self.board = Board(self.store, self.config, self.paths)
+        self.board.on_lease_change = self.arm_lease_timer  # type: ignore[method-assign]
+        self.sock = bind_socket(self.paths.socket, self.config.socket_mode,
+                                self.config.socket_group)
+        self._owns_socket = True
+        self.pidfile.write()
+
+    async def serve(self) -> None:
+        assert self.board is not None and self.sock is not None
+        self.loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_stop, sig)
+        self.loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self.rpc = RpcServer(self.board)
+        await self.rpc.start(self.sock)
+        self.expire_leases()
+        sweeper = asyncio.ensure_future(self._sweep())
+        log.info("ready", pid=os.getpid(), socket=str(self.paths.socket),
+                 db=str(self.paths.db), version=__version__)
+        await self.stop_event.wait()
+        log.info("stopping")
+        sweeper.cancel()
+        if self._lease_timer:
+            self._lease_timer.cancel()
+        await self.rpc.close()
+
+    def request_stop(self, sig: int = signal.SIGTERM) -> None:
+        log.info("signal_received", signal=signal.Signals(sig).name)
+        if self.stop_event is not None:
+            self.stop_event.set()
+
+    def request_reload(self) -> None:
+        self.reload()
+
+    def reload(self) -> dict[str, Any]:
+        try:
+            new = config_mod.load(self.paths.config)
+        except KanbanError as e:
+            log.error("config_reload_failed", error=e.message)
+            raise
+        self.config = new
+        if self.board is not None:
+            self.board.config = new
+        log.info("config_reloaded", source=new.source)
+        return {"config": new.source}
+
+    # -- leases ----------------------------------------------------------------
+    def expire_leases(self) -> None:
+        assert self.store is not None
+        expired = self.store.expire_leases(time.time(), self.config.failure_limit,
+                                           self.config.backoff)
+        for run_id in expired:
+            log.warning("lease_expired", run_id=run_id)
+        if expired and self.board is not None:
+            self.board.wake()
+        self.arm_lease_timer()
+
+    def arm_lease_timer(self) -> None:
+        """One timer at the earliest lease expiry; re-armed on claim/heartbeat."""
+        if self.loop is None or self.store is None:
+            return
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+            self._lease_timer = None
+        nxt = self.store.next_lease_expiry()
+        if nxt is not None:
+            delay = max(0.0, nxt - time.time()) + 0.001
+            self._lease_timer = self.loop.call_later(delay, self.expire_leases)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                self.expire_leases()
+            except Exception:
+                log.exception("sweep_failed")
+
+    # -- shutdown --------------------------------------------------------------
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self.sock is not None:
+            self.sock.close()
+        if self._owns_socket:
+            try:
+                self.paths.socket.unlink()
+            except FileNotFoundError:
+                pass
+            self._owns_socket = False
+        self.pidfile.release()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kanband",
+        description="kanband: the supervisor daemon that owns the task board and its workers. "
+                    "Runs in the foreground; stop it with SIGTERM or Ctrl-C.")
+    p.add_argument("--version", action="version", version=f"kanband {__version__}")
+    p.add_argument("--home", metavar="DIR",
+                   help="state directory holding kanban.db, logs and workspaces "
+                        "(default: $KANBAN_HOME, $STATE_DIRECTORY, $XDG_STATE_HOME/kanband, "
+                        "~/.local/state/kanband)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="Unix socket to serve (default: $KANBAN_SOCKET, "
+                        "$RUNTIME_DIRECTORY/kanband.sock, <home>/kanband.sock)")
+    p.add_argument("--pidfile", metavar="PATH",
+                   help="pidfile to write and lock (default: $RUNTIME_DIRECTORY/kanband.pid, "
+                        "<home>/kanband.pid)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config (default: $KANBAN_CONFIG, <home>/kanband.toml, "
+                        "/etc/kanband/kanband.toml; none found = defaults)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the config file, print what it configures, and exit "
+                        "(0 = valid, 2 = invalid)")
+    p.add_argument("--log-format", choices=("auto", "json", "console", "journal"),
+                   help="override daemon.log_format from the config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        paths = resolve_daemon_paths(args.home, args.socket, args.pidfile, args.config)
+        config = config_mod.load(paths.config)
+    except KanbanError as e:
+        print(f"kanband: {e.message}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"config OK: {paths.config or '(no file: defaults)'}")
+        print(f"profiles: {', '.join(sorted(config.profiles))}")
+        print(f"max_workers={config.max_workers} failure_limit={config.failure_limit} "
+              f"on_stop={config.on_stop}")
+        return 0
+    logs.setup(args.log_format or config.log_format)
+    daemon = Daemon(paths, config)
+    try:
+        daemon.prepare()
+    except AlreadyRunning as e:
+        print(f"kanband: {e}", file=sys.stderr)
+        return 1
+    except (StartupError, OSError) as e:
+        print(f"kanband: cannot start: {e}", file=sys.stderr)
+        daemon.close()
+        return 1
+    log.info("started", pid=os.getpid(), version=__version__, home=str(paths.home),
+             config=str(paths.config) if paths.config else None)
+    try:
+        asyncio.run(daemon.serve())
+    finally:
+        daemon.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

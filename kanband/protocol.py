@@ -1,0 +1,190 @@
+"""The wire protocol both sides import (SPEC §5): msgpack-rpc over a Unix socket.
+
+request  [0, msgid, method, [params]]
+response [1, msgid, error, result]
+notify   [2, method, [params]]
+
+This module and the blocking `Client` must stay light: kanbanctl imports them,
+so nothing here may import asyncio, structlog or psutil.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Iterator
+
+import msgpack
+
+from kanband.errors import KanbanError, from_wire
+
+REQUEST, RESPONSE, NOTIFY = 0, 1, 2
+MAX_BUFFER = 8 * 1024 * 1024  # per-connection cap on buffered, unparsed input
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpacker(max_buffer: int = MAX_BUFFER) -> msgpack.Unpacker:
+    return msgpack.Unpacker(raw=False, max_buffer_size=max_buffer, strict_map_key=True,
+                            use_list=True)
+
+
+class Unreachable(Exception):
+    """No daemon answers at the socket."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot reach kanband at {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class TimedOut(Exception):
+    pass
+
+
+class Client:
+    """A blocking client: one socket, requests pipelined, answers matched by msgid."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float | None = None,
+                 token: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self.token = token
+        self._sock: socket.socket | None = None
+        self._unpacker = unpacker(64 * 1024 * 1024)
+        self._msgid = 0
+        self._answers: dict[int, tuple[Any, Any]] = {}
+        self.notifications: list[tuple[str, Any]] = []
+
+    def connect(self) -> "Client":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except FileNotFoundError:
+            s.close()
+            raise Unreachable(self.path, "no socket there") from None
+        except ConnectionRefusedError:
+            s.close()
+            raise Unreachable(self.path, "connection refused (stale socket?)") from None
+        except socket.timeout:
+            s.close()
+            raise Unreachable(self.path, "timed out connecting") from None
+        except OSError as e:
+            s.close()
+            raise Unreachable(self.path, e.strerror or str(e)) from None
+        self._sock = s
+        return self
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        if self._sock is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- requests ------------------------------------------------------------
+    def send(self, method: str, params: dict[str, Any] | None = None) -> int:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        self._msgid = (self._msgid + 1) & 0x7FFFFFFF
+        params = dict(params or {})
+        if self.token and "run_token" not in params:
+            params["run_token"] = self.token
+        try:
+            self._sock.sendall(pack([REQUEST, self._msgid, method, [params]]))
+        except socket.timeout:
+            raise TimedOut(f"timed out sending {method}") from None
+        except OSError as e:
+            raise Unreachable(self.path, f"connection lost: {e.strerror or e}") from None
+        return self._msgid
+
+    def receive(self, msgid: int) -> Any:
+        """Wait for the answer to `msgid`; raise its error as a KanbanError."""
+        while msgid not in self._answers:
+            self._read_one()
+        error, result = self._answers.pop(msgid)
+        if error is not None:
+            raise from_wire(error)
+        return result
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        return self.receive(self.send(method, params))
+
+    def call_many(self, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Pipeline several requests; each answer is a result or a KanbanError."""
+        ids = [self.send(m, p) for m, p in calls]
+        out: list[Any] = []
+        for i in ids:
+            try:
+                out.append(self.receive(i))
+            except KanbanError as e:
+                out.append(e)
+        return out
+
+    def next_notification(self) -> tuple[str, Any]:
+        while not self.notifications:
+            self._read_one()
+        return self.notifications.pop(0)
+
+    def notifications_iter(self) -> Iterator[tuple[str, Any]]:
+        while True:
+            yield self.next_notification()
+
+    def _read_one(self) -> None:
+        assert self._sock is not None
+        for msg in self._unpacker:
+            self._accept(msg)
+            return
+        while True:
+            try:
+                data = self._sock.recv(256 * 1024)
+            except socket.timeout:
+                raise TimedOut("timed out waiting for kanband to answer") from None
+            except OSError as e:
+                raise Unreachable(self.path, f"connection lost: {e.strerror or e}") from None
+            if not data:
+                raise Unreachable(self.path, "kanband closed the connection")
+            self._unpacker.feed(data)
+            got = False
+            for msg in self._unpacker:
+                self._accept(msg)
+                got = True
+            if got:
+                return
+
+    def _accept(self, msg: Any) -> None:
+        if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
+            self._answers[msg[1]] = (msg[2], msg[3])
+        elif isinstance(msg, list) and len(msg) == 3 and msg[0] == NOTIFY:
+            params = msg[2][0] if isinstance(msg[2], list) and msg[2] else msg[2]
+            self.notifications.append((msg[1], params))
+
+
+def call(path: str | os.PathLike[str], method: str, params: dict[str, Any] | None = None,
+         timeout: float | None = 30.0) -> Any:
+    """One request on a fresh connection."""
+    with Client(path, timeout=timeout) as c:
+        return c.call(method, params)
+
+
+def wait_until_reachable(path: str, deadline_s: float) -> bool:
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            call(path, "system.ping", timeout=2.0)
+            return True
+        except (Unreachable, TimedOut):
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.2)

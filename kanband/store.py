@@ -1,0 +1,700 @@
+"""The board's storage: the only module that speaks SQL (SPEC §2, §3, §7).
+
+One method per domain operation, one transaction each. Every status change
+goes through `_move()`, which asks `states` and updates with
+`WHERE id=? AND status=?`, and every change writes its event(s) inside the
+same transaction. Listeners registered with `on_commit` see the events after
+they are durable.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from kanband import states
+from kanband.errors import Conflict, InvalidArgument, NotFound, Unavailable
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4B4E4244  # "KNBD": refuse foreign SQLite files
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        title TEXT NOT NULL,
+        body TEXT NOT NULL DEFAULT '',
+        assignee TEXT,
+        status TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        tenant TEXT,
+        workspace_kind TEXT NOT NULL DEFAULT 'scratch',
+        workspace_path TEXT,
+        created_by TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        completed_at REAL,
+        result TEXT,
+        skills TEXT NOT NULL DEFAULT '[]',
+        idempotency_key TEXT,
+        max_runtime_seconds REAL,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        last_failure_error TEXT,
+        not_before REAL,
+        current_run_id TEXT
+    );
+    CREATE UNIQUE INDEX tasks_idempotency ON tasks(idempotency_key)
+        WHERE idempotency_key IS NOT NULL AND status != 'archived';
+    CREATE INDEX tasks_status_order ON tasks(status, priority DESC, created_at);
+    CREATE INDEX tasks_assignee ON tasks(assignee, status);
+    CREATE INDEX tasks_tenant ON tasks(tenant, status);
+
+    CREATE TABLE task_links (
+        parent_id TEXT NOT NULL REFERENCES tasks(id),
+        child_id TEXT NOT NULL REFERENCES tasks(id),
+        PRIMARY KEY (parent_id, child_id),
+        CHECK (parent_id != child_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX task_links_child ON task_links(child_id, parent_id);
+
+    CREATE TABLE comments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        author TEXT,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX comments_task ON comments(task_id, id);
+
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT,
+        run_id TEXT,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX events_task ON events(task_id, id);
+
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        profile TEXT,
+        claimer TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        outcome TEXT,
+        summary TEXT,
+        error TEXT,
+        metadata TEXT,
+        worker_pid INTEGER,
+        worker_start_time REAL,
+        exit_code INTEGER,
+        signal INTEGER,
+        lease_expires REAL,
+        lease_ttl REAL,
+        last_heartbeat_at REAL,
+        heartbeat_note TEXT,
+        token_hash TEXT
+    );
+    CREATE INDEX runs_task ON runs(task_id, started_at);
+    CREATE UNIQUE INDEX runs_token ON runs(token_hash) WHERE token_hash IS NOT NULL;
+    CREATE INDEX runs_active ON runs(outcome, lease_expires);
+
+    CREATE TABLE notify_subs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL REFERENCES tasks(id),
+        platform TEXT NOT NULL,
+        chat_id TEXT,
+        thread_id TEXT,
+        user_id TEXT,
+        created_at REAL NOT NULL,
+        last_event_id INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+}
+
+TASK_FIELDS = (
+    "id", "title", "body", "assignee", "status", "priority", "tenant", "workspace_kind",
+    "workspace_path", "created_by", "created_at", "started_at", "completed_at", "result",
+    "skills", "idempotency_key", "max_runtime_seconds", "consecutive_failures",
+    "last_failure_error", "not_before", "current_run_id")
+RUN_FIELDS = (
+    "id", "task_id", "profile", "claimer", "outcome", "started_at", "ended_at", "summary",
+    "error", "metadata", "worker_pid", "exit_code", "signal")
+
+_TASK_SELECT = (
+    "SELECT " + ", ".join(f"t.{f}" for f in TASK_FIELDS)
+    + ", r.worker_pid AS worker_pid, r.lease_expires AS lease_expires,"
+    " r.last_heartbeat_at AS last_heartbeat_at"
+    " FROM tasks t LEFT JOIN runs r ON r.id = t.current_run_id AND r.outcome IS NULL")
+
+Event = dict[str, Any]
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(4)
+
+
+def _first_line(text: str | None, limit: int = 400) -> str | None:
+    if not text:
+        return text
+    return text.strip().splitlines()[0][:limit] if text.strip() else ""
+
+
+class Store:
+    """The board in SQLite. Not thread-safe: kanband calls it from one thread."""
+
+    def __init__(self, path: Path | str, durability: str = "normal") -> None:
+        self.path = str(path)
+        self._listeners: list[Callable[[list[Event]], None]] = []
+        self._pending: list[Event] = []
+        self._db = self._open(durability)
+
+    # -- setup -------------------------------------------------------------
+    def _open(self, durability: str) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise Unavailable(f"{self.path}: not a kanband database ({e})") from None
+        if tables and app_id != APPLICATION_ID:
+            raise Unavailable(f"{self.path}: not a kanband database (foreign SQLite file)")
+        if version > SCHEMA_VERSION:
+            raise Unavailable(f"{self.path}: schema version {version} is newer than this "
+                              f"kanband understands ({SCHEMA_VERSION}); upgrade kanband")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise Unavailable(f"{self.path}: database failed its integrity check: {check}")
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            db.execute("BEGIN IMMEDIATE")
+            for stmt in _MIGRATIONS[v].split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            db.execute(f"PRAGMA user_version={v}")
+            db.execute("COMMIT")
+        return db
+
+    def close(self) -> None:
+        try:
+            self._db.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            pass
+        self._db.close()
+
+    def on_commit(self, fn: Callable[[list[Event]], None]) -> None:
+        self._listeners.append(fn)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._pending = []
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._pending = []
+            raise
+        self._db.execute("COMMIT")
+        events, self._pending = self._pending, []
+        if events:
+            for fn in self._listeners:
+                fn(events)
+
+    # -- helpers -----------------------------------------------------------
+    def _emit(self, task_id: str | None, kind: str, payload: dict[str, Any], now: float,
+              run_id: str | None = None) -> None:
+        text = json.dumps(payload, separators=(",", ":"))
+        cur = self._db.execute(
+            "INSERT INTO events(task_id, run_id, kind, payload, created_at) VALUES (?,?,?,?,?)",
+            (task_id, run_id, kind, text, now))
+        self._pending.append({"id": cur.lastrowid, "task_id": task_id, "run_id": run_id,
+                              "kind": kind, "payload": payload, "created_at": now})
+
+    def _task_row(self, task_id: str) -> sqlite3.Row:
+        row = self._db.execute(_TASK_SELECT + " WHERE t.id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no task {task_id}")
+        return row
+
+    def _move(self, task_id: str, action: str, dst: str, now: float,
+              sets: dict[str, Any] | None = None) -> str:
+        """The one place a task's status changes. Returns the old status."""
+        src = self._db.execute("SELECT status FROM tasks WHERE id=?", (task_id,)).fetchone()
+        if src is None:
+            raise NotFound(f"no task {task_id}")
+        src = src[0]
+        if not states.allowed(action, src, dst):
+            raise Conflict(states.refusal(action, task_id, src),
+                           {"task_id": task_id, "status": src})
+        cols = {"status": dst, **(sets or {})}
+        assign = ", ".join(f"{k} = ?" for k in cols)
+        cur = self._db.execute(f"UPDATE tasks SET {assign} WHERE id = ? AND status = ?",
+                               (*cols.values(), task_id, src))
+        if cur.rowcount != 1:  # cannot happen with one writer; visible if it does
+            raise Conflict(f"lost a race changing {task_id} from {src}")
+        return src
+
+    def _unfinished_parents(self, task_id: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT l.parent_id FROM task_links l JOIN tasks p ON p.id = l.parent_id"
+            " WHERE l.child_id = ? AND p.status NOT IN ('done', 'archived')"
+            " ORDER BY l.parent_id", (task_id,))]
+
+    def _promote_children(self, parent_id: str, now: float) -> None:
+        """todo -> ready for children whose parents are now all done/archived."""
+        for (child,) in self._db.execute(
+                "SELECT l.child_id FROM task_links l JOIN tasks c ON c.id = l.child_id"
+                " WHERE l.parent_id = ? AND c.status = 'todo'", (parent_id,)).fetchall():
+            if not self._unfinished_parents(child):
+                self._move(child, "promote_deps", states.READY, now)
+                self._emit(child, "promoted", {"by": parent_id}, now)
+
+    def _close_run(self, run_id: str, outcome: str, now: float, **cols: Any) -> None:
+        cols = {"outcome": outcome, "ended_at": now, **cols}
+        assign = ", ".join(f"{k} = ?" for k in cols)
+        cur = self._db.execute(f"UPDATE runs SET {assign} WHERE id = ? AND outcome IS NULL",
+                               (*cols.values(), run_id))
+        if cur.rowcount != 1:
+            raise Conflict(f"run {run_id} has already ended")
+
+    # -- reads -------------------------------------------------------------
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        return _task(self._task_row(task_id))
+
+    def list_tasks(self, *, statuses: list[str] | None = None, assignee: str | None = None,
+                   tenant: str | None = None, created_by: str | None = None,
+                   include_archived: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+        where, args = [], []
+        if statuses:
+            where.append(f"t.status IN ({','.join('?' * len(statuses))})")
+            args += statuses
+        elif not include_archived:
+            where.append("t.status != 'archived'")
+        if assignee is not None:
+            if assignee == "none":
+                where.append("t.assignee IS NULL")
+            else:
+                where.append("t.assignee = ?")
+                args.append(assignee)
+        if tenant is not None:
+            where.append("t.tenant = ?")
+            args.append(tenant)
+        if created_by is not None:
+            where.append("t.created_by = ?")
+            args.append(created_by)
+        sql = _TASK_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY t.priority DESC, t.created_at, t.id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [_task(r) for r in self._db.execute(sql, args)]
+
+    def parents(self, task_id: str) -> list[dict[str, Any]]:
+        return [_task(r) for r in self._db.execute(
+            _TASK_SELECT + " JOIN task_links l ON l.parent_id = t.id WHERE l.child_id = ?"
+            " ORDER BY t.created_at", (task_id,))]
+
+    def children(self, task_id: str) -> list[dict[str, Any]]:
+        return [_task(r) for r in self._db.execute(
+            _TASK_SELECT + " JOIN task_links l ON l.child_id = t.id WHERE l.parent_id = ?"
+            " ORDER BY t.created_at", (task_id,))]
+
+    def unfinished_parents(self, task_id: str) -> list[str]:
+        return self._unfinished_parents(task_id)
+
+    def comments(self, task_id: str, last: int | None = None) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT id, task_id, author, body, created_at FROM comments WHERE task_id = ?"
+            " ORDER BY id DESC" + (f" LIMIT {int(last)}" if last else ""), (task_id,)).fetchall()
+        return [dict(r) for r in reversed(rows)]
+
+    def count_comments(self, task_id: str) -> int:
+        return self._db.execute("SELECT count(*) FROM comments WHERE task_id=?",
+                                (task_id,)).fetchone()[0]
+
+    def events(self, *, since: int = 0, task_id: str | None = None, limit: int | None = None,
+               kinds: list[str] | None = None) -> list[Event]:
+        where, args = ["id > ?"], [since]
+        if task_id is not None:
+            where.append("task_id = ?")
+            args.append(task_id)
+        if kinds:
+            where.append(f"kind IN ({','.join('?' * len(kinds))})")
+            args += kinds
+        sql = ("SELECT id, task_id, run_id, kind, payload, created_at FROM events WHERE "
+               + " AND ".join(where) + " ORDER BY id")
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [_event(r) for r in self._db.execute(sql, args)]
+
+    def event_head(self) -> int:
+        return self._db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+    def runs(self, task_id: str, last: int | None = None) -> list[dict[str, Any]]:
+        self._task_row(task_id)
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE task_id = ? ORDER BY started_at DESC, rowid DESC"
+            + (f" LIMIT {int(last)}" if last else ""), (task_id,)).fetchall()
+        return [_run(r) for r in reversed(rows)]
+
+    def count_runs(self, task_id: str) -> int:
+        return self._db.execute("SELECT count(*) FROM runs WHERE task_id=?",
+                                (task_id,)).fetchone()[0]
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no run {run_id}")
+        return _run(row, internal=True)
+
+    def run_by_token_hash(self, token_hash: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT * FROM runs WHERE token_hash = ?", (token_hash,)).fetchone()
+        return _run(row, internal=True) if row else None
+
+    def active_runs(self) -> list[dict[str, Any]]:
+        return [_run(r, internal=True) for r in self._db.execute(
+            "SELECT * FROM runs WHERE outcome IS NULL ORDER BY started_at")]
+
+    def next_lease_expiry(self) -> float | None:
+        return self._db.execute(
+            "SELECT min(lease_expires) FROM runs WHERE outcome IS NULL"
+            " AND lease_expires IS NOT NULL").fetchone()[0]
+
+    def latest_completed_run(self, task_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE task_id = ? AND outcome = 'completed'"
+            " ORDER BY ended_at DESC LIMIT 1", (task_id,)).fetchone()
+        return _run(row) if row else None
+
+    def recent_completed(self, assignee: str, exclude: str, limit: int = 5) -> list[dict[str, Any]]:
+        return [_task(r) for r in self._db.execute(
+            _TASK_SELECT + " WHERE t.assignee = ? AND t.id != ? AND t.status IN ('done','archived')"
+            " AND t.completed_at IS NOT NULL ORDER BY t.completed_at DESC LIMIT ?",
+            (assignee, exclude, limit))]
+
+    def counts_by_status(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._db.execute(
+            "SELECT status, count(*) FROM tasks GROUP BY status")}
+
+    def counts_by_assignee(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for a, s, n in self._db.execute(
+                "SELECT coalesce(assignee, ''), status, count(*) FROM tasks"
+                " GROUP BY assignee, status"):
+            out.setdefault(a, {})[s] = n
+        return out
+
+    def oldest_ready_created_at(self) -> float | None:
+        return self._db.execute(
+            "SELECT min(created_at) FROM tasks WHERE status = 'ready'").fetchone()[0]
+
+    def event_count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    def db_size_bytes(self) -> int:
+        page = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return page * self._db.execute("PRAGMA page_count").fetchone()[0]
+
+    # -- writes ------------------------------------------------------------
+    def create_task(self, fields: dict[str, Any], parents: list[str], *, triage: bool,
+                    now: float) -> tuple[dict[str, Any], bool]:
+        """Insert a task; with an idempotency key that matches a live task,
+        return that one instead (created=False). The unique index decides."""
+        key = fields.get("idempotency_key")
+        with self._tx() as db:
+            if key is not None:
+                existing = self._by_idempotency_key(key)
+                if existing:
+                    return existing, False
+            for p in parents:
+                self._task_row(p)
+            unfinished = [p for p in dict.fromkeys(parents)
+                          if db.execute("SELECT status FROM tasks WHERE id=?", (p,)).fetchone()[0]
+                          not in states.PARENT_SATISFIED]
+            status = states.TRIAGE if triage else (states.TODO if unfinished else states.READY)
+            assert states.allowed("create", states.NEW, status)
+            row = {**fields, "status": status, "created_at": now,
+                   "skills": json.dumps(fields.get("skills") or [])}
+            cols = ", ".join(row)
+            for _ in range(8):
+                task_id = new_id("t_")
+                try:
+                    db.execute(f"INSERT INTO tasks(id, {cols}) VALUES (?{', ?' * len(row)})",
+                               (task_id, *row.values()))
+                    break
+                except sqlite3.IntegrityError as e:
+                    if key is not None and "idempotency" in str(e):
+                        existing = self._by_idempotency_key(key)
+                        if existing:
+                            return existing, False
+                    if "tasks.id" not in str(e):
+                        raise
+            else:  # pragma: no cover - 8 id collisions in a row
+                raise Conflict("could not allocate a task id")
+            for p in dict.fromkeys(parents):
+                db.execute("INSERT INTO task_links(parent_id, child_id) VALUES (?, ?)",
+                           (p, task_id))
+            self._emit(task_id, "created", {"assignee": fields.get("assignee"),
+                                            "status": status, "parents": list(dict.fromkeys(parents)),
+                                            "tenant": fields.get("tenant")}, now)
+            return self.get_task(task_id), True
+
+    def _by_idempotency_key(self, key: str) -> dict[str, Any] | None:
+        row = self._db.execute(_TASK_SELECT + " WHERE t.idempotency_key = ? AND"
+                               " t.status != 'archived'", (key,)).fetchone()
+        return _task(row) if row else None
+
+    def assign(self, task_id: str, assignee: str | None, now: float) -> dict[str, Any]:
+        with self._tx() as db:
+            task = self._task_row(task_id)
+            if task["status"] == states.RUNNING:
+                raise Conflict(f"cannot assign {task_id}: status is running "
+                               "(use --force to reclaim it first)",
+                               {"task_id": task_id, "status": "running"})
+            if task["status"] == states.ARCHIVED:
+                raise Conflict(states.refusal("assign", task_id, task["status"]),
+                               {"task_id": task_id, "status": task["status"]})
+            db.execute("UPDATE tasks SET assignee = ? WHERE id = ?", (assignee, task_id))
+            self._emit(task_id, "assigned", {"assignee": assignee}, now)
+            return self.get_task(task_id)
+
+    def link(self, parent: str, child: str, now: float) -> dict[str, Any]:
+        if parent == child:
+            raise InvalidArgument(f"cannot link {parent} to itself")
+        with self._tx() as db:
+            p, c = self._task_row(parent), self._task_row(child)
+            for t in (p, c):
+                if t["status"] == states.ARCHIVED:
+                    raise Conflict(states.refusal("link", t["id"], t["status"]),
+                                   {"task_id": t["id"], "status": t["status"]})
+            if db.execute("SELECT 1 FROM task_links WHERE parent_id=? AND child_id=?",
+                          (parent, child)).fetchone():
+                raise Conflict(f"{parent} is already a parent of {child}")
+            cycle = db.execute(
+                "WITH RECURSIVE anc(id) AS (SELECT parent_id FROM task_links WHERE child_id = ?"
+                " UNION SELECT l.parent_id FROM task_links l JOIN anc ON l.child_id = anc.id)"
+                " SELECT 1 FROM anc WHERE id = ?", (parent, child)).fetchone()
+            if cycle:
+                raise Conflict(f"cannot link {parent} -> {child}: {child} is already an "
+                                      f"ancestor of {parent} (that would make a cycle)")
+            db.execute("INSERT INTO task_links(parent_id, child_id) VALUES (?, ?)", (parent, child))
+            self._emit(child, "linked", {"parent": parent, "child": child}, now)
+            if c["status"] == states.READY and p["status"] not in states.PARENT_SATISFIED:
+                self._move(child, "demote", states.TODO, now)
+                self._emit(child, "demoted", {"parent": parent}, now)
+            return self.get_task(child)
+
+    def unlink(self, parent: str, child: str, now: float) -> dict[str, Any]:
+        with self._tx() as db:
+            self._task_row(parent)
+            c = self._task_row(child)
+            cur = db.execute("DELETE FROM task_links WHERE parent_id=? AND child_id=?",
+                             (parent, child))
+            if cur.rowcount == 0:
+                raise NotFound(f"{parent} is not a parent of {child}")
+            self._emit(child, "unlinked", {"parent": parent, "child": child}, now)
+            if c["status"] == states.TODO and not self._unfinished_parents(child):
+                self._move(child, "promote_deps", states.READY, now)
+                self._emit(child, "promoted", {"by": parent}, now)
+            return self.get_task(child)
+
+    def comment(self, task_id: str, author: str | None, body: str, now: float) -> dict[str, Any]:
+        with self._tx() as db:
+            self._task_row(task_id)
+            cur = db.execute("INSERT INTO comments(task_id, author, body, created_at)"
+                             " VALUES (?,?,?,?)", (task_id, author, body, now))
+            self._emit(task_id, "commented", {"author": author, "len": len(body)}, now)
+            return {"id": cur.lastrowid, "task_id": task_id, "author": author, "body": body,
+                    "created_at": now}
+
+    def promote(self, task_id: str, now: float) -> dict[str, Any]:
+        with self._tx():
+            task = self._task_row(task_id)
+            if task["status"] != states.TRIAGE:
+                raise Conflict(states.refusal("promote", task_id, task["status"]),
+                               {"task_id": task_id, "status": task["status"]})
+            dst = states.TODO if self._unfinished_parents(task_id) else states.READY
+            self._move(task_id, "promote", dst, now)
+            self._emit(task_id, "promoted", {"from": "triage", "status": dst}, now)
+            return self.get_task(task_id)
+
+    def claim(self, task_id: str, *, claimer: str, profile: str | None, lease_ttl: float | None,
+              token_hash: str, now: float) -> dict[str, Any]:
+        """ready -> running; opens a run. The guard: ready, no lease, backoff over."""
+        with self._tx() as db:
+            task = self._task_row(task_id)
+            if task["status"] != states.READY:
+                raise Conflict(states.refusal("claim", task_id, task["status"]),
+                               {"task_id": task_id, "status": task["status"]})
+            if task["current_run_id"] is not None:
+                raise Conflict(f"cannot claim {task_id}: it holds a lease")
+            if task["not_before"] is not None and task["not_before"] > now:
+                raise Conflict(f"cannot claim {task_id}: retry backoff until "
+                               f"{task['not_before']:.3f}",
+                               {"task_id": task_id, "not_before": task["not_before"]})
+            run_id = new_id("r_")
+            lease = now + lease_ttl if lease_ttl else None
+            db.execute("INSERT INTO runs(id, task_id, profile, claimer, started_at, lease_expires,"
+                       " lease_ttl, token_hash) VALUES (?,?,?,?,?,?,?,?)",
+                       (run_id, task_id, profile, claimer, now, lease, lease_ttl, token_hash))
+            self._move(task_id, "claim", states.RUNNING, now, {
+                "current_run_id": run_id,
+                "started_at": task["started_at"] if task["started_at"] is not None else now})
+            self._emit(task_id, "claimed", {"run_id": run_id, "claimer": claimer,
+                                            "lease_expires": lease}, now, run_id)
+            return self.get_run(run_id)
+
+    def record_spawn(self, run_id: str, pid: int, start_time: float, profile: str,
+                     now: float) -> None:
+        with self._tx() as db:
+            run = self.get_run(run_id)
+            db.execute("UPDATE runs SET worker_pid = ?, worker_start_time = ? WHERE id = ?",
+                       (pid, start_time, run_id))
+            self._emit(run["task_id"], "spawned", {"pid": pid, "profile": profile}, now, run_id)
+
+    def heartbeat(self, task_id: str, note: str | None, now: float) -> dict[str, Any]:
+        with self._tx() as db:
+            task = self._task_row(task_id)
+            if task["status"] != states.RUNNING or not task["current_run_id"]:
+                raise Conflict(states.refusal("heartbeat", task_id, task["status"]),
+                               {"task_id": task_id, "status": task["status"]})
+            run_id = task["current_run_id"]
+            db.execute("UPDATE runs SET last_heartbeat_at = ?, heartbeat_note = ?,"
+                       " lease_expires = CASE WHEN lease_ttl IS NULL THEN NULL"
+                       " ELSE ? + lease_ttl END WHERE id = ?", (now, note, now, run_id))
+            self._emit(task_id, "heartbeat", {"note": note}, now, run_id)
+            return self.get_task(task_id)
+
+    def complete(self, task_id: str, *, result: str | None, summary: str | None,
+                 metadata: dict[str, Any] | None, now: float) -> dict[str, Any]:
+        with self._tx() as db:
+            task = self._task_row(task_id)
+            run_id = task["current_run_id"]
+            if run_id and task["status"] == states.RUNNING:
+                self._close_run(run_id, "completed", now, summary=summary,
+                                metadata=json.dumps(metadata) if metadata is not None else None)
+            if result is None:
+                result = summary if summary is not None else task["result"]
+            self._move(task_id, "complete", states.DONE, now, {
+                "completed_at": now, "result": result, "consecutive_failures": 0,
+                "not_before": None, "current_run_id": None})
+            self._emit(task_id, "completed", {"summary": _first_line(summary or result)}, now,
+                       run_id)
+            self._promote_children(task_id, now)
+            return self.get_task(task_id)
+
+    def block(self, task_id: str, reason: str | None, now: float) -> dict[str, Any]:
+        with self._tx():
+            task = self._task_row(task_id)
+            run_id = task["current_run_id"]
+            if run_id and task["status"] == states.RUNNING:
+                self._close_run(run_id, "blocked", now, summary=reason)
+            self._move(task_id, "block", states.BLOCKED, now, {"current_run_id": None})
+            self._emit(task_id, "blocked", {"reason": reason}, now, run_id)
+            return self.get_task(task_id)
+
+    def unblock(self, task_id: str, now: float) -> dict[str, Any]:
+        with self._tx():
+            task = self._task_row(task_id)
+            if task["status"] != states.BLOCKED:
+                raise Conflict(states.refusal("unblock", task_id, task["status"]),
+                               {"task_id": task_id, "status": task["status"]})
+            dst = states.TODO if self._unfinished_parents(task_id) else states.READY
+            self._move(task_id, "unblock", dst, now, {"consecutive_failures": 0,
+                                                     "not_before": None})
+            self._emit(task_id, "unblocked", {"status": dst}, now)
+            return self.get_task(task_id)
+
+    def archive(self, task_id: str, now: float) -> dict[str, Any]:
+        """A running task's run ends `reclaimed`; the caller kills its worker first."""
+        with self._tx():
+            task = self._task_row(task_id)
+            run_id = task["current_run_id"]
+            if run_id and task["status"] == states.RUNNING:
+                self._close_run(run_id, "reclaimed", now, error="task archived")
+                self._emit(task_id, "reclaimed", {"reason": "archived"}, now, run_id)
+            self._move(task_id, "archive", states.ARCHIVED, now, {"current_run_id": None})
+            self._emit(task_id, "archived", {"from": task["status"]}, now)
+            self._promote_children(task_id, now)
+            return self.get_task(task_id)
+
+    def end_run(self, run_id: str, outcome: str, *, now: float, failure_limit: int,
+                backoff: Callable[[int], float], cooldown: float = 0.0,
+                error: str | None = None, exit_code: int | None = None,
+                signal: int | None = None, payload: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """Close an active run with a failure-table outcome (SPEC §4) and move its
+        task per `states.OUTCOMES`: requeue with backoff, or give up into blocked."""
+        counts, dst = states.OUTCOMES[outcome]
+        with self._tx() as db:
+            run = self.get_run(run_id)
+            if run["outcome"] is not None:
+                raise Conflict(f"run {run_id} has already ended ({run['outcome']})")
+            task_id = run["task_id"]
+            self._close_run(run_id, outcome, now, error=error, exit_code=exit_code,
+                            signal=signal)
+            self._emit(task_id, outcome, payload or {}, now, run_id)
+            task = self._task_row(task_id)
+            if task["current_run_id"] != run_id or task["status"] != states.RUNNING:
+                return self.get_run(run_id)  # task already moved on (complete/block/archive)
+            sets: dict[str, Any] = {"current_run_id": None}
+            if counts:
+                failures = task["consecutive_failures"] + 1
+                sets.update(consecutive_failures=failures, last_failure_error=error)
+                if failures >= failure_limit:
+                    self._move(task_id, "give_up", states.BLOCKED, now, sets)
+                    self._emit(task_id, "gave_up", {"failures": failures, "last_outcome": outcome,
+                                                    "error": error}, now, run_id)
+                    return self.get_run(run_id)
+                sets["not_before"] = now + backoff(failures)
+            elif outcome == "rate_limited":
+                sets["not_before"] = now + cooldown
+            assert dst == states.READY
+            self._move(task_id, "requeue", dst, now, sets)
+            return self.get_run(run_id)
+
+    def expire_leases(self, now: float, failure_limit: int,
+                      backoff: Callable[[int], float]) -> list[str]:
+        """Close every run whose lease ran out as `stale`. Returns the run ids."""
+        expired = [r[0] for r in self._db.execute(
+            "SELECT id FROM runs WHERE outcome IS NULL AND lease_expires IS NOT NULL"
+            " AND lease_expires <= ? ORDER BY lease_expires", (now,))]
+        for run_id in expired:
+            run = self.get_run(run_id)
+            self.end_run(run_id, "stale", now=now, failure_limit=failure_limit, backoff=backoff,
+                         error=f"lease expired: no heartbeat from {run['claimer']}",
+                         payload={"reason": "lease expired"})
+        return expired
+
+
+def _task(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["skills"] = json.loads(d["skills"]) if d.get("skills") else []
+    return d
+
+
+def _run(row: sqlite3.Row, internal: bool = False) -> dict[str, Any]:
+    d = dict(row)
+    d["metadata"] = json.loads(d["metadata"]) if d.get("metadata") else None
+    if internal:
+        return d
+    return {k: d[k] for k in RUN_FIELDS}
+
+
+def _event(row: sqlite3.Row) -> Event:
+    d = dict(row)
+    d["payload"] = json.loads(d["payload"]) if d["payload"] else {}
+    return d
