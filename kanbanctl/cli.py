@@ -455,6 +455,83 @@ def cmd_status(ctx: Ctx) -> int:
     return EXIT_OK
 
 
+def cmd_reclaim(ctx: Ctx) -> int:
+    r = ctx.call("task.reclaim", id=ctx.args.id)
+    return _task_done(ctx, r["task"], "reclaimed: worker stopped, task requeued")
+
+
+def cmd_dispatch(ctx: Ctx) -> int:
+    a = ctx.args
+    r = ctx.call("board.dispatch", dry_run=a.dry_run or None, max=a.max,
+                 failure_limit=a.failure_limit)
+    if ctx.json:
+        ctx.out(r)
+        return EXIT_OK
+    if r["dry_run"]:
+        for e in r["would_spawn"]:
+            print(f"would spawn {e['task_id']} ({e['profile']}) {e['title']}")
+        for w in r["waiting"]:
+            print(f"waiting     {w['task_id']} [{w['status']}] {w['reason']}")
+        if not r["would_spawn"] and not r["waiting"]:
+            print("nothing ready")
+        return EXIT_OK
+    for e in r["spawned"]:
+        if e.get("error"):
+            print(f"spawn failed {e['task_id']} ({e['profile']}): {e['error']}")
+        else:
+            print(f"spawned {e['task_id']} ({e['profile']}) run {e['run_id']} pid {e['pid']}")
+    if not r["spawned"]:
+        print("nothing to spawn" + (" (dispatch is paused; this pass ran by hand)" if r["paused"] else ""))
+    return EXIT_OK
+
+
+def cmd_pause(ctx: Ctx) -> int:
+    r = ctx.call("daemon.pause" if ctx.args.verb == "pause" else "daemon.resume")
+    if ctx.json:
+        ctx.out(r)
+    else:
+        print("dispatch paused" if r["paused"] else "dispatch resumed")
+    return EXIT_OK
+
+
+def cmd_reload(ctx: Ctx) -> int:
+    r = ctx.call("daemon.reload")
+    if ctx.json:
+        ctx.out(r)
+    else:
+        print(f"config reloaded from {r['config'] or '(defaults)'}")
+    return EXIT_OK
+
+
+def cmd_log(ctx: Ctx) -> int:
+    a = ctx.args
+    r = ctx.call("task.log", id=a.id, tail=a.tail)
+    if ctx.json and not a.follow:
+        ctx.out(r)
+        return EXIT_OK
+    sys.stdout.write(r["text"])
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_wait(ctx: Ctx) -> int:
+    a = ctx.args
+    ctx.client.timeout = None if a.timeout is None else a.timeout + 30
+    if ctx.client._sock is not None:
+        ctx.client._sock.settimeout(ctx.client.timeout)
+    r = ctx.call("task.wait", ids=a.ids, timeout=a.timeout)
+    if ctx.json:
+        ctx.out(r)
+    else:
+        for t in r["tasks"]:
+            print(f"{ICONS.get(t['status'], ' ')} {t['id']} {t['status']}")
+    if r["timed_out"]:
+        if not ctx.json:
+            print(f"kanbanctl: timed out after {a.timeout:g}s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_OK if all(t["status"] == "done" for t in r["tasks"]) else EXIT_FAILED
+
+
 def cmd_daemon(ctx: Ctx) -> int:
     argv = [sys.executable, "-m", "kanband"]
     if ctx.args.home:
@@ -577,6 +654,30 @@ def build_parser() -> argparse.ArgumentParser:
     verb("stats", cmd_stats, "counts by status and assignee")
     verb("assignees", cmd_assignees, "configured profiles and assignees on the board, with counts")
     verb("status", cmd_status, "daemon pid, version, uptime, paths, counts, workers")
+
+    s = verb("reclaim", cmd_reclaim, "stop a running task's worker and requeue it (no failure counted)")
+    s.add_argument("id")
+
+    s = verb("dispatch", cmd_dispatch, "run one dispatch pass now (works while paused)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="change nothing: report what would spawn and why the rest wait")
+    s.add_argument("--max", type=int, metavar="N", help="spawn at most N workers in this pass")
+    s.add_argument("--failure-limit", type=int, metavar="N",
+                   help="failure limit for the runs this pass starts (default daemon.failure_limit)")
+
+    verb("pause", cmd_pause, "stop automatic dispatching (running workers continue)")
+    verb("resume", cmd_pause, "restart automatic dispatching")
+    verb("reload", cmd_reload, "re-read the config file (a bad config is refused, the old one stays)")
+
+    s = verb("log", cmd_log, "print a task's worker output")
+    s.add_argument("id")
+    s.add_argument("--tail", type=int, metavar="BYTES", help="only the last BYTES bytes")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
+
+    s = verb("wait", cmd_wait, "wait until tasks are done, blocked or archived "
+             "(exit 0 only if all are done, 4 on timeout)")
+    s.add_argument("ids", nargs="+", metavar="ID")
+    s.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up after this long")
 
     s = sub.add_parser("daemon", help="run kanband in the foreground (same as `kanband`)")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to kanband")

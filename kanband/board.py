@@ -7,6 +7,7 @@ handlers that need one ask it through `self.supervisor`.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import hashlib
 import os
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 from kanband import __version__, context, states, workspace
 from kanband.config import Config
+from kanband.dispatcher import Slots, waiting_reason
 from kanband.errors import Conflict, Forbidden, InvalidArgument, NotFound
 from kanband.params import MAX_TEXT, Params, check_skills, check_title
 from kanband.paths import DaemonPaths
@@ -59,6 +61,8 @@ class Board:
         self.dispatch_info: Callable[[], dict[str, Any]] = lambda: {
             "paused": False, "running_by_profile": {}, "running": 0}
         self.supervisor: Any = None  # set by the daemon once supervision exists
+        self._waiters: list[tuple[set[str], asyncio.Event]] = []
+        store.on_commit(self.events_committed)
 
     # -- caller and scope --------------------------------------------------
     def caller_for(self, token: Any, uid: int | None = None, pid: int | None = None) -> Caller:
@@ -82,45 +86,19 @@ class Board:
                             "its token no longer changes the task")
 
     # -- output ------------------------------------------------------------
-    def task_out(self, task: dict[str, Any]) -> dict[str, Any]:
+    def task_out(self, task: dict[str, Any], slots: Slots | None = None) -> dict[str, Any]:
         t = dict(task)
         if t["workspace_path"] is None or t["workspace_kind"] == "worktree":
             t["workspace_path"] = str(workspace.path_for(task, self.paths.workspaces))
-        t["waiting_reason"] = self.waiting_reason(task)
+        t["waiting_reason"] = self.waiting_reason(task, slots)
         return t
 
-    def waiting_reason(self, task: dict[str, Any], info: dict[str, Any] | None = None) -> str | None:
-        """Why a ready/todo task is not running, in words an operator can act on."""
-        status = task["status"]
-        if status == states.TODO:
-            parents = self.store.unfinished_parents(task["id"])
-            if parents:
-                return "waiting for parent(s) to finish: " + ", ".join(parents)
-            return "waiting to be promoted"
-        if status != states.READY:
-            return None
-        now = self.clock()
-        if task["not_before"] is not None and task["not_before"] > now:
-            left = task["not_before"] - now
-            when = time.strftime("%H:%M:%S", time.localtime(task["not_before"]))
-            why = "retry backoff" if task["consecutive_failures"] else "cooldown"
-            return f"{why} until {when} ({left:.0f}s left)"
-        assignee = task["assignee"]
-        if not assignee:
-            return "no assignee: assign a profile (kanbanctl assign) or claim it (kanbanctl claim)"
-        profile = self.config.profiles.get(assignee)
-        if profile is None:
-            return (f"no profile named {assignee!r} is configured: waits for an external "
-                    f"claimer (kanbanctl claim {task['id']})")
-        info = info or self.dispatch_info()
-        if info["paused"]:
-            return "dispatch is paused (kanbanctl resume)"
-        if info["running"] >= self.config.max_workers:
-            return f"all {self.config.max_workers} worker slots are busy (daemon.max_workers)"
-        mc = profile.max_concurrency
-        if mc is not None and info["running_by_profile"].get(assignee, 0) >= mc:
-            return f"profile {assignee!r} is at its max_concurrency of {mc}"
-        return "waiting for the dispatcher"
+    def waiting_reason(self, task: dict[str, Any], slots: Slots | None = None) -> str | None:
+        """Why a ready/todo task is not running (see dispatcher.waiting_reason)."""
+        if self.supervisor is not None:
+            return self.supervisor.waiting_reason(task, self.clock(), slots)
+        return waiting_reason(task, now=self.clock(), slots=slots or Slots(self.config),
+                              paused=False, unfinished_parents=self.store.unfinished_parents)
 
     # -- system --------------------------------------------------------------
     def ping(self, p: Params, caller: Caller) -> dict[str, Any]:
@@ -180,15 +158,8 @@ class Board:
             created_by=p.str("created_by"), include_archived=p.bool("archived"),
             limit=p.int("limit", minimum=1))
         p.done()
-        info = self.dispatch_info()
-        out = []
-        for t in tasks:
-            t = dict(t)
-            if t["workspace_path"] is None or t["workspace_kind"] == "worktree":
-                t["workspace_path"] = str(workspace.path_for(t, self.paths.workspaces))
-            t["waiting_reason"] = self.waiting_reason(t, info)
-            out.append(t)
-        return {"tasks": out}
+        slots = self.supervisor.slots() if self.supervisor is not None else Slots(self.config)
+        return {"tasks": [self.task_out(t, slots) for t in tasks]}
 
     def show(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.task_id()
@@ -201,7 +172,7 @@ class Board:
                 "events": self.store.events(task_id=tid),
                 "runs": self.store.runs(tid)}
 
-    def assign(self, p: Params, caller: Caller) -> dict[str, Any]:
+    def assign(self, p: Params, caller: Caller) -> Any:
         tid = p.task_id()
         assignee = p.str("assignee")
         force = p.bool("force")
@@ -210,11 +181,14 @@ class Board:
         if assignee in (None, "", "none"):
             assignee = None
         task = self.store.get_task(tid)
+
+        def assign() -> dict[str, Any]:
+            t = self.store.assign(tid, assignee, self.clock())
+            self.wake()
+            return {"task": self.task_out(t)}
         if task["status"] == states.RUNNING and force:
-            self._reclaim(task, "reassigned")
-        task = self.store.assign(tid, assignee, self.clock())
-        self.wake()
-        return {"task": self.task_out(task)}
+            return self._reclaim(task, f"reassigned to {assignee or 'nobody'}", assign)
+        return assign()
 
     def link(self, p: Params, caller: Caller) -> dict[str, Any]:
         parent, child = p.task_id("parent"), p.task_id("child")
@@ -267,9 +241,10 @@ class Board:
         metadata = p.metadata()
         p.done()
         self.check_scope("task.complete", caller, tid)
+        run_id = self.store.get_task(tid)["current_run_id"]
         task = self.store.complete(tid, result=result, summary=summary, metadata=metadata,
                                    now=self.clock())
-        self.after_run_closed(task)
+        self.after_run_closed(run_id)
         return {"task": self.task_out(task)}
 
     def block(self, p: Params, caller: Caller) -> dict[str, Any]:
@@ -277,8 +252,9 @@ class Board:
         reason = p.text("reason")
         p.done()
         self.check_scope("task.block", caller, tid)
+        run_id = self.store.get_task(tid)["current_run_id"]
         task = self.store.block(tid, reason, self.clock())
-        self.after_run_closed(task)
+        self.after_run_closed(run_id)
         return {"task": self.task_out(task)}
 
     def unblock(self, p: Params, caller: Caller) -> dict[str, Any]:
@@ -289,16 +265,31 @@ class Board:
         self.wake()
         return {"task": self.task_out(task)}
 
-    def archive(self, p: Params, caller: Caller) -> dict[str, Any]:
+    def archive(self, p: Params, caller: Caller) -> Any:
         tid = p.task_id()
         p.done()
         self.check_scope("task.archive", caller, tid)
-        task = self.store.get_task(tid)
-        if task["status"] == states.RUNNING and self.supervisor is not None:
-            self.supervisor.stop_run(task["current_run_id"], "archived")
+        w = self._live_worker(self.store.get_task(tid))
+        if w is None:
+            return self._archive_now(tid)
+        return self._archive_after_kill(tid, w)
+
+    async def _archive_after_kill(self, tid: str, w: Any) -> dict[str, Any]:
+        await self.supervisor.stop(w, "archived")
+        return self._archive_now(tid, w)
+
+    def _archive_now(self, tid: str, w: Any = None) -> dict[str, Any]:
         task = self.store.archive(tid, self.clock())
-        self.after_run_closed(task)
+        if w is not None:
+            self.store.record_exit_status(w.run_id, w.exit_code, w.signal)
+        self.wake()
         return {"task": self.task_out(task)}
+
+    def _live_worker(self, task: dict[str, Any]) -> Any:
+        """The daemon-owned worker of a running task, if there is one."""
+        if task["status"] != states.RUNNING or self.supervisor is None:
+            return None
+        return self.supervisor.workers.get(task["current_run_id"])
 
     def promote(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.task_id()
@@ -307,7 +298,7 @@ class Board:
         self.wake()
         return {"task": self.task_out(task)}
 
-    def reclaim(self, p: Params, caller: Caller) -> dict[str, Any]:
+    def reclaim(self, p: Params, caller: Caller) -> Any:
         tid = p.task_id()
         p.done()
         self.check_scope("task.reclaim", caller, tid)
@@ -315,17 +306,30 @@ class Board:
         if task["status"] != states.RUNNING:
             raise Conflict(states.refusal("reclaim", tid, task["status"]),
                            {"task_id": tid, "status": task["status"]})
-        self._reclaim(task, "operator reclaim")
-        self.wake()
-        return {"task": self.task_out(self.store.get_task(tid))}
+        return self._reclaim(task, "operator reclaim", lambda: {
+            "task": self.task_out(self.store.get_task(tid))})
 
-    def _reclaim(self, task: dict[str, Any], reason: str) -> None:
+    def _reclaim(self, task: dict[str, Any], reason: str, then: Callable[[], Any]) -> Any:
+        """Kill the worker FIRST, then close the run `reclaimed` (no failure counted)."""
         run_id = task["current_run_id"]
-        if self.supervisor is not None:
-            self.supervisor.stop_run(run_id, reason)
-        self.store.end_run(run_id, "reclaimed", now=self.clock(),
-                           failure_limit=self.config.failure_limit, backoff=self.config.backoff,
-                           error=reason, payload={"reason": reason})
+        w = self._live_worker(task)
+
+        def record() -> Any:
+            if self.store.get_run(run_id)["outcome"] is None:
+                self.store.end_run(run_id, "reclaimed", now=self.clock(),
+                                   failure_limit=self.config.failure_limit,
+                                   backoff=self.config.backoff, error=reason,
+                                   exit_code=w.exit_code if w else None,
+                                   signal=w.signal if w else None, payload={"reason": reason})
+            self.wake()
+            return then()
+        if w is None:
+            return record()
+
+        async def after_kill() -> Any:
+            await self.supervisor.stop(w, "reclaimed")
+            return record()
+        return after_kill()
 
     def heartbeat(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.task_id()
@@ -334,6 +338,8 @@ class Board:
         self.check_scope("task.heartbeat", caller, tid)
         task = self.store.heartbeat(tid, note, self.clock())
         self.on_lease_change()
+        if self.supervisor is not None:
+            self.supervisor.heartbeat_seen(task["current_run_id"])
         return {"task": self.task_out(task)}
 
     def runs(self, p: Params, caller: Caller) -> dict[str, Any]:
@@ -372,9 +378,107 @@ class Board:
              "counts": counts.get(n, {}), "total": sum(counts.get(n, {}).values())}
             for n in names]}
 
+    # -- supervision verbs ---------------------------------------------------
+    def dispatch(self, p: Params, caller: Caller) -> dict[str, Any]:
+        dry_run = p.bool("dry_run")
+        max_spawn = p.int("max", minimum=0)
+        failure_limit = p.int("failure_limit", minimum=1)
+        p.done()
+        if self.supervisor is None:
+            raise Conflict("supervision is not running")
+        return self.supervisor.dispatch(dry_run=dry_run, max_spawn=max_spawn,
+                                        failure_limit=failure_limit)
+
+    def pause(self, p: Params, caller: Caller) -> dict[str, Any]:
+        p.done()
+        return self._set_paused(True)
+
+    def resume(self, p: Params, caller: Caller) -> dict[str, Any]:
+        p.done()
+        return self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> dict[str, Any]:
+        self.store.set_meta("paused", "1" if paused else "0")
+        if self.supervisor is not None:
+            self.supervisor.paused = paused
+        self.wake()
+        return {"paused": paused}
+
+    def reload(self, p: Params, caller: Caller) -> dict[str, Any]:
+        p.done()
+        return self.reload_hook()
+
+    def reload_hook(self) -> dict[str, Any]:
+        raise Conflict("reload is not available")
+
+    def log(self, p: Params, caller: Caller) -> dict[str, Any]:
+        tid = p.task_id()
+        tail = p.int("tail", minimum=0, maximum=64 * 1024 * 1024)
+        offset = p.int("offset", minimum=0, maximum=2 ** 62)
+        p.done()
+        self.store.get_task(tid)
+        path = self.paths.logs / f"{tid}.log"
+        limit = 4 * 1024 * 1024
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if offset is not None:
+                    start = min(offset, size)
+                elif tail is not None:
+                    start = max(0, size - tail)
+                else:
+                    start = 0
+                start = max(start, size - limit) if offset is None else start
+                f.seek(start)
+                data = f.read(min(size - start, limit))
+        except FileNotFoundError:
+            size, start, data = 0, 0, b""
+        return {"task_id": tid, "path": str(path), "size": size, "offset": start,
+                "next_offset": start + len(data), "text": data.decode("utf-8", "replace")}
+
+    async def wait(self, p: Params, caller: Caller) -> dict[str, Any]:
+        ids = p.str_list("ids")
+        timeout = p.number("timeout", minimum=0)
+        p.done()
+        if not ids:
+            raise InvalidArgument("ids: give at least one task id")
+        for tid in ids:
+            self.store.get_task(tid)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            tasks = [self.store.get_task(t) for t in ids]
+            pending = [t["id"] for t in tasks if t["status"] not in states.TERMINAL]
+            if not pending:
+                return {"tasks": [{"id": t["id"], "status": t["status"]} for t in tasks],
+                        "timed_out": False}
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return {"tasks": [{"id": t["id"], "status": t["status"]} for t in tasks],
+                        "timed_out": True}
+            changed = asyncio.Event()
+            watch = set(pending)
+            self._waiters.append((watch, changed))
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                self._waiters.remove((watch, changed))
+
+    def events_committed(self, events: list[dict[str, Any]]) -> None:
+        """Store listener: wake `wait` callers whose tasks changed."""
+        if not self._waiters:
+            return
+        touched = {e["task_id"] for e in events}
+        for watch, changed in self._waiters:
+            if watch & touched:
+                changed.set()
+
     # -- hooks the daemon fills in -------------------------------------------
     def on_lease_change(self) -> None:
         """Called after a claim or heartbeat so the lease timer can re-arm."""
 
-    def after_run_closed(self, task: dict[str, Any]) -> None:
+    def after_run_closed(self, run_id: str | None) -> None:
+        if self.supervisor is not None:
+            self.supervisor.run_closed(run_id)
         self.wake()

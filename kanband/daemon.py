@@ -27,6 +27,7 @@ from kanband.paths import DaemonPaths, resolve_daemon_paths
 from kanband.pidfile import AlreadyRunning, PidFile
 from kanband.rpc import RpcServer
 from kanband.store import Store
+from kanband.supervisor import Supervisor
 
 log = structlog.get_logger("kanband")
 
@@ -79,6 +80,7 @@ class Daemon:
         self.config = config
         self.pidfile = PidFile(paths.pidfile)
         self.store: Store | None = None
+        self.supervisor: Supervisor | None = None
         self.board: Board | None = None
         self.rpc: RpcServer | None = None
         self.sock: socket.socket | None = None
@@ -103,6 +105,11 @@ class Daemon:
             raise StartupError(e.message) from None
         self.board = Board(self.store, self.config, self.paths)
         self.board.on_lease_change = self.arm_lease_timer  # type: ignore[method-assign]
+        self.supervisor = Supervisor(self.store, self.config, self.paths)
+        self.board.supervisor = self.supervisor
+        self.board.wake = self.supervisor.wake  # type: ignore[method-assign]
+        self.board.dispatch_info = self.supervisor.info  # type: ignore[method-assign]
+        self.board.reload_hook = self.reload  # type: ignore[method-assign]
         self.sock = bind_socket(self.paths.socket, self.config.socket_mode,
                                 self.config.socket_group)
         self._owns_socket = True
@@ -115,18 +122,23 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, sig)
         self.loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self.supervisor.start(self.loop)
+        adoption = self.supervisor.readopt()
         self.rpc = RpcServer(self.board)
         await self.rpc.start(self.sock)
         self.expire_leases()
         sweeper = asyncio.ensure_future(self._sweep())
         log.info("ready", pid=os.getpid(), socket=str(self.paths.socket),
-                 db=str(self.paths.db), version=__version__)
+                 db=str(self.paths.db), version=__version__, subreaper=self.supervisor.reaper.subreaper,
+                 **adoption)
+        self.supervisor.wake()
         await self.stop_event.wait()
-        log.info("stopping")
+        log.info("stopping", on_stop=self.config.on_stop, workers=len(self.supervisor.workers))
         sweeper.cancel()
         if self._lease_timer:
             self._lease_timer.cancel()
         await self.rpc.close()
+        await self.supervisor.shutdown()
 
     def request_stop(self, sig: int = signal.SIGTERM) -> None:
         log.info("signal_received", signal=signal.Signals(sig).name)
@@ -134,7 +146,10 @@ class Daemon:
             self.stop_event.set()
 
     def request_reload(self) -> None:
-        self.reload()
+        try:
+            self.reload()
+        except KanbanError:
+            pass  # logged; the old config stays
 
     def reload(self) -> dict[str, Any]:
         try:
@@ -145,7 +160,10 @@ class Daemon:
         self.config = new
         if self.board is not None:
             self.board.config = new
-        log.info("config_reloaded", source=new.source)
+        if self.supervisor is not None:
+            self.supervisor.config = new
+            self.supervisor.wake()
+        log.info("config_reloaded", source=new.source, profiles=sorted(new.profiles))
         return {"config": new.source}
 
     # -- leases ----------------------------------------------------------------
@@ -176,6 +194,9 @@ class Daemon:
             await asyncio.sleep(SWEEP_SECONDS)
             try:
                 self.expire_leases()
+                for w in list(self.supervisor.workers.values()):
+                    self.supervisor.reaper.refresh_known(w)
+                self.supervisor.wake()
             except Exception:
                 log.exception("sweep_failed")
 

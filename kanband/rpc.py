@@ -59,6 +59,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("task.context", "context", "The worker context document of a task (markdown)."),
     Method("board.stats", "stats", "Counts by status and assignee, ages, sizes."),
     Method("board.assignees", "assignees", "Configured profiles and assignees with counts."),
+    Method("board.dispatch", "dispatch", "Run one dispatch pass now (dry_run reports only)."),
+    Method("daemon.pause", "pause", "Stop automatic dispatching (manual dispatch still works)."),
+    Method("daemon.resume", "resume", "Restart automatic dispatching."),
+    Method("daemon.reload", "reload", "Re-read the config file; a bad one is refused."),
+    Method("task.log", "log", "Worker output of a task (tail bytes or from an offset)."),
+    Method("task.wait", "wait", "Block until every task is done/blocked/archived or timeout."),
 )}
 
 

@@ -105,6 +105,11 @@ _MIGRATIONS: dict[int, str] = {
     CREATE UNIQUE INDEX runs_token ON runs(token_hash) WHERE token_hash IS NOT NULL;
     CREATE INDEX runs_active ON runs(outcome, lease_expires);
 
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+
     CREATE TABLE notify_subs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         task_id TEXT NOT NULL REFERENCES tasks(id),
@@ -408,7 +413,47 @@ class Store:
         page = self._db.execute("PRAGMA page_size").fetchone()[0]
         return page * self._db.execute("PRAGMA page_count").fetchone()[0]
 
+    def dispatch_candidates(self, profiles: list[str], now: float,
+                            limit: int) -> list[dict[str, Any]]:
+        """Ready tasks a daemon worker may take, in dispatch order (SPEC §4)."""
+        if not profiles or limit <= 0:
+            return []
+        return [_task(r) for r in self._db.execute(
+            _TASK_SELECT + " WHERE t.status = 'ready' AND t.current_run_id IS NULL"
+            f" AND t.assignee IN ({','.join('?' * len(profiles))})"
+            " AND (t.not_before IS NULL OR t.not_before <= ?)"
+            " ORDER BY t.priority DESC, t.created_at, t.id LIMIT ?", (*profiles, now, limit))]
+
+    def next_not_before(self, profiles: list[str], now: float) -> float | None:
+        """The earliest future backoff end among tasks a daemon worker could take."""
+        if not profiles:
+            return None
+        return self._db.execute(
+            "SELECT min(not_before) FROM tasks WHERE status = 'ready' AND not_before > ?"
+            f" AND assignee IN ({','.join('?' * len(profiles))})", (now, *profiles)).fetchone()[0]
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
     # -- writes ------------------------------------------------------------
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key)"
+                       " DO UPDATE SET value = excluded.value", (key, value))
+
+    def record_exit_status(self, run_id: str, exit_code: int | None,
+                           signal: int | None) -> None:
+        """Keep the exit status of a run that was already closed (complete/block)."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET exit_code = ?, signal = ? WHERE id = ?",
+                       (exit_code, signal, run_id))
+
+    def adopt(self, run_id: str, pid: int, now: float) -> None:
+        with self._tx():
+            run = self.get_run(run_id)
+            self._emit(run["task_id"], "adopted", {"pid": pid}, now, run_id)
+
     def create_task(self, fields: dict[str, Any], parents: list[str], *, triage: bool,
                     now: float) -> tuple[dict[str, Any], bool]:
         """Insert a task; with an idempotency key that matches a live task,

@@ -1,0 +1,376 @@
+"""Owner of every worker process: spawn, watch, classify exit, kill ladder (SPEC §4).
+
+- Workers start in a new session (own process group) through a tiny sh shim
+  that keeps the command's exit status in the run directory, so an outcome
+  survives a daemon restart, and re-raises a fatal signal so the daemon sees
+  how the command died.
+- Exit is noticed at once: a pidfd per worker on the event loop, plus SIGCHLD.
+  Every child is reaped with waitpid(-1); kanband is a child subreaper, so
+  orphaned grandchildren come back to it and are reaped too.
+- Killing a run: SIGTERM to its process group and every process attributed to
+  it (descendants, escaped `setsid` children found by KANBAN_RUN_ID in their
+  environment), kill_grace, SIGKILL, and confirm they are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import structlog
+
+from kanband.config import Profile
+
+log = structlog.get_logger("kanband.reaper")
+
+EXIT_FILE = "exit_status"
+# $1 = exit file; the rest is the worker's argv. A command killed by a signal
+# shows as 128+N to sh: re-raise N on the shim so the daemon sees the signal.
+SHIM = ('f=$1; shift; "$@"; rc=$?; echo "$rc" > "$f"; '
+        'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then '
+        'trap - "$((rc-128))" 2>/dev/null; kill "-$((rc-128))" $$; fi; exit "$rc"')
+STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                "LISTEN_FDNAMES")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def signal_name(sig: int | None) -> str:
+    if sig is None:
+        return "-"
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def describe_exit(exit_code: int | None, sig: int | None) -> str:
+    if sig is not None:
+        text = f"killed by {signal_name(sig)}"
+        if sig == signal.SIGKILL:
+            text += " (perhaps out of memory)"
+        return text
+    return f"exit status {exit_code}"
+
+
+def tail_text(path: Path, offset: int, limit: int = 2048) -> str:
+    """The last `limit` bytes written to `path` since `offset`."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(offset, size - limit)
+            f.seek(start)
+            return f.read(size - start).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def last_line(text: str) -> str | None:
+    for line in reversed(text.splitlines()):
+        if line.strip():
+            return line.strip()
+    return None
+
+
+def proc_start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def same_process(pid: int, start_time: float | None) -> bool:
+    """Alive and the same process (not a reused pid)."""
+    if not pid or start_time is None:
+        return False
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - start_time) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@dataclass
+class Worker:
+    run_id: str
+    task_id: str
+    profile: Profile
+    pid: int
+    start_time: float | None
+    started_mono: float
+    log_path: Path
+    log_offset: int
+    run_dir: Path
+    adopted: bool = False
+    failure_limit: int | None = None
+    pidfd: int | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    stopping: str | None = None  # the outcome a kill in progress will record
+    stop_payload: dict[str, Any] = field(default_factory=dict)
+    sigkilled: bool = False
+    closed_by_board: bool = False  # complete/block closed the run; exit_grace runs
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    known: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+
+    @property
+    def pgid(self) -> int:
+        return self.pid
+
+    def cancel_timers(self) -> None:
+        for h in self.timers.values():
+            h.cancel()
+        self.timers.clear()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "run_id": self.run_id, "pid": self.pid,
+                "profile": self.profile.name, "adopted": self.adopted,
+                "elapsed_seconds": round(time.monotonic() - self.started_mono, 3),
+                "stopping": self.stopping}
+
+
+class Reaper:
+    """Tracks live workers by pid; the supervisor decides what their exit means."""
+
+    def __init__(self, on_exit: Callable[[Worker], None]) -> None:
+        self.by_pid: dict[int, Worker] = {}
+        self.on_exit = on_exit
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.subreaper = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.subreaper = become_subreaper()
+        loop.add_signal_handler(signal.SIGCHLD, self.reap_all)
+
+    # -- spawning ----------------------------------------------------------------
+    def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
+              run_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+        """Start the worker; raises OSError with a reason on failure."""
+        exe = argv[0]
+        found = shutil.which(exe, path=env.get("PATH")) if "/" not in exe else (
+            exe if os.access(exe, os.X_OK) and os.path.isfile(exe) else None)
+        if not found:
+            raise OSError(f"command not found or not executable: {exe}")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            offset = os.fstat(fd).st_size
+            p = subprocess.Popen(["/bin/sh", "-c", SHIM, "kanband-worker",
+                                  str(run_dir / EXIT_FILE), *argv],
+                                 cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=fd,
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 close_fds=True)
+        finally:
+            os.close(fd)
+        return p, offset
+
+    def track(self, w: Worker) -> None:
+        assert self.loop is not None
+        self.by_pid[w.pid] = w
+        try:
+            w.pidfd = os.pidfd_open(w.pid)
+        except OSError:
+            w.pidfd = None  # already gone: SIGCHLD / the check below handles it
+        if w.pidfd is not None:
+            self.loop.add_reader(w.pidfd, self._pidfd_ready, w)
+        if not w.adopted:
+            self.reap_all()
+        elif w.pidfd is None:
+            self.loop.call_soon(self._adopted_gone, w)
+
+    def _pidfd_ready(self, w: Worker) -> None:
+        if w.adopted:
+            self._adopted_gone(w)
+        else:
+            self.reap_all()
+
+    def _untrack(self, w: Worker) -> None:
+        self.by_pid.pop(w.pid, None)
+        if w.pidfd is not None:
+            assert self.loop is not None
+            self.loop.remove_reader(w.pidfd)
+            os.close(w.pidfd)
+            w.pidfd = None
+
+    def reap_all(self) -> None:
+        """Reap every exited child: workers go to on_exit, orphans are just reaped."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.by_pid.get(pid)
+            if w is None:
+                log.debug("orphan_reaped", pid=pid, status=status)
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code < 0:
+                w.exit_code, w.signal = None, -code
+            else:
+                w.exit_code, w.signal = code, None
+            if w.popen is not None:
+                w.popen.returncode = code  # we reaped it; Popen must never wait again
+            self._untrack(w)
+            w.exited.set()
+            self.on_exit(w)
+
+    def _adopted_gone(self, w: Worker) -> None:
+        """An adopted worker is not our child: its status comes from the shim's file."""
+        if w.pid not in self.by_pid:
+            return
+        self._untrack(w)
+        status = read_exit_file(w.run_dir)
+        if status is not None:
+            w.exit_code, w.signal = status
+        w.exited.set()
+        self.on_exit(w)
+
+    # -- attribution and killing ---------------------------------------------------
+    def refresh_known(self, w: Worker) -> None:
+        """Remember the worker's descendants while the tree is intact."""
+        try:
+            for c in psutil.Process(w.pid).children(recursive=True):
+                try:
+                    w.known[c.pid] = c.create_time()
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+
+    def run_processes(self, w: Worker) -> list[psutil.Process]:
+        """Every live process attributed to the run, the worker itself included."""
+        found: dict[int, psutil.Process] = {}
+
+        def add(p: psutil.Process) -> None:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found[p.pid] = p
+            except psutil.Error:
+                pass
+
+        if same_process(w.pid, w.start_time):
+            main = psutil.Process(w.pid)
+            add(main)
+            try:
+                for c in main.children(recursive=True):
+                    add(c)
+            except psutil.Error:
+                pass
+        for pid, ctime in list(w.known.items()):
+            if same_process(pid, ctime):
+                add(psutil.Process(pid))
+            else:
+                w.known.pop(pid, None)
+        mine = os.getuid()
+        for p in psutil.process_iter(["pid", "uids"]):
+            if p.pid in found or p.pid == os.getpid():
+                continue
+            try:
+                if p.info["uids"] and p.info["uids"].real != mine and mine != 0:
+                    continue
+                if os.getpgid(p.pid) == w.pgid:
+                    add(p)
+                    continue
+                if p.environ().get("KANBAN_RUN_ID") == w.run_id:
+                    add(p)
+            except (psutil.Error, OSError):
+                continue
+        return list(found.values())
+
+    async def kill_run(self, w: Worker, grace: float) -> bool:
+        """SIGTERM, wait up to `grace`, SIGKILL; returns True if SIGKILL was needed.
+        Returns only once every attributed process is gone (or unkillable)."""
+        procs = self.run_processes(w)
+        if not procs and not _group_alive(w.pgid):
+            return False
+        self._send(w, procs, signal.SIGTERM)
+        if await self._wait_gone(w, procs, grace) and not self.run_processes(w):
+            return False
+        log.warning("worker_sigkill", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
+                    grace_s=grace)
+        procs = self.run_processes(w)
+        self._send(w, procs, signal.SIGKILL)
+        if not await self._wait_gone(w, procs, 10.0) or self.run_processes(w):
+            log.error("worker_unkillable", task_id=w.task_id, run_id=w.run_id,
+                      pids=[p.pid for p in self.run_processes(w)])
+        return True
+
+    def _send(self, w: Worker, procs: list[psutil.Process], sig: int) -> None:
+        try:
+            os.killpg(w.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    async def _wait_gone(self, w: Worker, procs: list[psutil.Process], timeout: float) -> bool:
+        """Wait until the signalled processes and the process group are gone."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            self.reap_all()
+            alive = [p for p in procs if _alive(p)]
+            if not alive and not _group_alive(w.pgid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.05)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any non-zombie member left in the process group?"""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.Error, OSError):
+            continue
+    return False
+
+
+def read_exit_file(run_dir: Path) -> tuple[int | None, int | None] | None:
+    """(exit_code, signal) the shim recorded, or None."""
+    try:
+        rc = int((run_dir / EXIT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if 128 < rc < 160:
+        return None, rc - 128
+    return rc, None

@@ -1,0 +1,480 @@
+"""Supervision: dispatch passes, spawning runs, recording honest outcomes (SPEC §4).
+
+The dispatcher decides who may start; the reaper owns the processes; this
+module joins them to the store: it opens a run before a worker starts, and
+closes it with exactly one outcome once every process of the run is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from kanband import context, states, workspace
+from kanband.board import hash_token, new_token
+from kanband.config import Config, Profile
+from kanband.dispatcher import Slots, waiting_reason
+from kanband.errors import Conflict, KanbanError
+from kanband.paths import DaemonPaths
+from kanband.reaper import (STRIPPED_ENV, Reaper, Worker, describe_exit, last_line,
+                            proc_start_time, read_exit_file, same_process, tail_text)
+from kanband.store import Store
+
+log = structlog.get_logger("kanband.supervisor")
+
+EXIT_RATE_LIMITED = 75
+
+
+class Supervisor:
+    def __init__(self, store: Store, config: Config, paths: DaemonPaths) -> None:
+        self.store = store
+        self.config = config
+        self.paths = paths
+        self.host = socket.gethostname()
+        self.workers: dict[str, Worker] = {}  # run_id -> live worker
+        self.reaper = Reaper(self._on_exit)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.paused = store.get_meta("paused") == "1"
+        self.stopping = False
+        self._wake_pending = False
+        self._backoff_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def claimer(self) -> str:
+        return f"kanband@{self.host}"
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reaper.start(loop)
+
+    def _bg(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    # -- dispatch ----------------------------------------------------------------
+    def wake(self) -> None:
+        """Run a dispatch pass at once (coalesced with any already scheduled)."""
+        if self.loop is None or self._wake_pending or self.stopping:
+            return
+        self._wake_pending = True
+        self.loop.call_soon(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_pending = False
+        if not self.paused and not self.stopping:
+            try:
+                self.dispatch()
+            except Exception:
+                log.exception("dispatch_failed")
+
+    def slots(self) -> Slots:
+        s = Slots(self.config)
+        for w in self.workers.values():
+            s.take(w.profile.name)
+        return s
+
+    def info(self) -> dict[str, Any]:
+        s = self.slots()
+        return {"paused": self.paused, "running": s.running, "running_by_profile": s.by_profile,
+                "workers": [w.as_dict() for w in self.workers.values()]}
+
+    def dispatch(self, *, dry_run: bool = False, max_spawn: int | None = None,
+                 failure_limit: int | None = None) -> dict[str, Any]:
+        """One pass: start ready tasks in priority order while caps allow."""
+        now = time.time()
+        slots = self.slots()
+        spawned: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        while max_spawn is None or len(spawned) < max_spawn:
+            profiles = slots.open_profiles()
+            batch = [t for t in self.store.dispatch_candidates(
+                profiles, now, slots.free_global() + len(seen)) if t["id"] not in seen]
+            if not batch:
+                break
+            progressed = False
+            for task in batch:
+                if max_spawn is not None and len(spawned) >= max_spawn:
+                    break
+                seen.add(task["id"])
+                if slots.full_reason(task["assignee"]) is not None:
+                    continue
+                slots.take(task["assignee"])
+                progressed = True
+                entry = {"task_id": task["id"], "profile": task["assignee"],
+                         "title": task["title"]}
+                if not dry_run:
+                    entry.update(self.spawn(task, failure_limit))
+                spawned.append(entry)
+            if not progressed:
+                break
+        report: dict[str, Any] = {"dry_run": dry_run, "paused": self.paused,
+                                  "spawned": spawned if not dry_run else [],
+                                  "would_spawn": spawned if dry_run else []}
+        if dry_run:
+            report["waiting"] = self._waiting(now, slots, {e["task_id"] for e in spawned})
+        else:
+            self._arm_backoff_timer(now)
+        return report
+
+    def _waiting(self, now: float, slots: Slots, chosen: set[str]) -> list[dict[str, Any]]:
+        out = []
+        for t in self.store.list_tasks(statuses=[states.READY, states.TODO]):
+            if t["id"] in chosen:
+                continue
+            out.append({"task_id": t["id"], "status": t["status"],
+                        "reason": self.waiting_reason(t, now, slots)})
+        return out
+
+    def waiting_reason(self, task: dict[str, Any], now: float,
+                       slots: Slots | None = None) -> str | None:
+        return waiting_reason(task, now=now, slots=slots or self.slots(), paused=self.paused,
+                              unfinished_parents=self.store.unfinished_parents)
+
+    def _arm_backoff_timer(self, now: float) -> None:
+        """Wake when the earliest backoff of a dispatchable task ends."""
+        assert self.loop is not None
+        if self._backoff_timer is not None:
+            self._backoff_timer.cancel()
+            self._backoff_timer = None
+        nxt = self.store.next_not_before(sorted(self.config.profiles), now)
+        if nxt is not None:
+            self._backoff_timer = self.loop.call_later(max(0.0, nxt - time.time()) + 0.001,
+                                                       self.wake)
+
+    # -- spawning ------------------------------------------------------------------
+    def spawn(self, task: dict[str, Any], failure_limit: int | None = None) -> dict[str, Any]:
+        """Open a run and start its worker; a failure ends the run `spawn_failed`."""
+        profile = self.config.profiles[task["assignee"]]
+        token = new_token()
+        run = self.store.claim(task["id"], claimer=self.claimer, profile=profile.name,
+                               lease_ttl=None, token_hash=hash_token(token), now=time.time())
+        run_id = run["id"]
+        run_dir = self.paths.runs / run_id
+        log_path = self.paths.logs / f"{task['id']}.log"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ws = workspace.prepare(task, self.paths.workspaces)
+            ctx_file = run_dir / "context.md"
+            ctx_file.write_text(context.render(self.store, self.store.get_task(task["id"]), str(ws)))
+            script = run_dir / "script.sh"
+            script.write_text(task["body"])
+            values = {"task_id": task["id"], "run_id": run_id, "profile": profile.name,
+                      "workspace": str(ws), "context_file": str(ctx_file), "script": str(script)}
+            argv = [part.format_map(values) for part in profile.command]
+            env = self.worker_env(task, run_id, token, ws, ctx_file, profile)
+            _log_header(log_path, run_id, profile.name, argv)
+            popen, offset = self.reaper.spawn(argv, cwd=ws, env=env, log_path=log_path,
+                                              run_dir=run_dir)
+        except (OSError, ValueError, KeyError) as e:
+            error = str(e)
+            log.warning("spawn_failed", task_id=task["id"], run_id=run_id,
+                        profile=profile.name, error=error)
+            _log_note(log_path, f"spawn failed: {error}")
+            self.store.end_run(run_id, "spawn_failed", now=time.time(),
+                               failure_limit=failure_limit or self.config.failure_limit,
+                               backoff=self.config.backoff, error=error,
+                               payload={"error": error})
+            return {"run_id": run_id, "error": error}
+        start_time = proc_start_time(popen.pid)
+        (run_dir / "log_offset").write_text(str(offset))
+        w = Worker(run_id=run_id, task_id=task["id"], profile=profile, pid=popen.pid,
+                   start_time=start_time, started_mono=time.monotonic(), log_path=log_path,
+                   log_offset=offset, run_dir=run_dir, failure_limit=failure_limit, popen=popen)
+        self.workers[run_id] = w
+        self.store.record_spawn(run_id, popen.pid, start_time or 0.0, profile.name, time.time())
+        log.info("worker_spawned", task_id=task["id"], run_id=run_id, pid=popen.pid,
+                 profile=profile.name)
+        self._arm_timers(w, task, elapsed=0.0)
+        self.reaper.track(w)
+        return {"run_id": run_id, "pid": popen.pid}
+
+    def worker_env(self, task: dict[str, Any], run_id: str, token: str, ws: Path,
+                   ctx_file: Path, profile: Profile) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV
+               and not k.startswith("KANBAN_")}
+        env.update(KANBAN_TASK_ID=task["id"], KANBAN_RUN_ID=run_id, KANBAN_RUN_TOKEN=token,
+                   KANBAN_WORKSPACE=str(ws), KANBAN_CONTEXT_FILE=str(ctx_file),
+                   KANBAN_SOCKET=str(self.paths.socket), KANBAN_PROFILE=profile.name)
+        if task["tenant"]:
+            env["KANBAN_TENANT"] = task["tenant"]
+        env.update(profile.env)
+        return env
+
+    def _runtime_cap(self, task: dict[str, Any], profile: Profile) -> float | None:
+        return (task["max_runtime_seconds"] or profile.max_runtime
+                or self.config.default_max_runtime)
+
+    def _arm_timers(self, w: Worker, task: dict[str, Any], elapsed: float) -> None:
+        assert self.loop is not None
+        cap = self._runtime_cap(task, w.profile)
+        if cap:
+            w.timers["runtime"] = self.loop.call_later(max(0.0, cap - elapsed),
+                                                       self._runtime_exceeded, w, cap)
+        if w.profile.heartbeat_timeout:
+            self._arm_heartbeat(w)
+
+    def _arm_heartbeat(self, w: Worker) -> None:
+        assert self.loop is not None
+        run = self.store.get_run(w.run_id)
+        last = run["last_heartbeat_at"] or run["started_at"]
+        due = last + (w.profile.heartbeat_timeout or 0) - time.time()
+        w.timers["heartbeat"] = self.loop.call_later(max(0.0, due), self._heartbeat_due, w)
+
+    def _runtime_exceeded(self, w: Worker, cap: float) -> None:
+        if w.stopping or w.finished.is_set():
+            return
+        elapsed = time.monotonic() - w.started_mono
+        log.warning("run_timed_out", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
+                    profile=w.profile.name, limit_s=cap, elapsed_s=round(elapsed, 3))
+
+        def record(w: Worker) -> None:
+            self._fail(w, "timed_out", f"runtime cap of {cap:g}s reached",
+                       {"elapsed_seconds": round(time.monotonic() - w.started_mono, 3),
+                        "limit_seconds": cap, "sigkill": w.sigkilled})
+        self._bg(self.stop(w, "timed_out", record))
+
+    def _heartbeat_due(self, w: Worker) -> None:
+        if w.stopping or w.finished.is_set() or not w.profile.heartbeat_timeout:
+            return
+        run = self.store.get_run(w.run_id)
+        if run["outcome"] is not None:
+            return
+        last = run["last_heartbeat_at"] or run["started_at"]
+        if time.time() - last < w.profile.heartbeat_timeout:
+            self._arm_heartbeat(w)
+            return
+        log.warning("run_stale", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
+                    profile=w.profile.name, heartbeat_timeout_s=w.profile.heartbeat_timeout)
+        reason = f"no heartbeat for {w.profile.heartbeat_timeout:g}s (heartbeat_timeout)"
+        self._bg(self.stop(w, "stale", lambda w: self._fail(w, "stale", reason,
+                                                             {"reason": reason})))
+
+    def heartbeat_seen(self, run_id: str | None) -> None:
+        """A heartbeat renewed the run: push its staleness check out."""
+        w = self.workers.get(run_id or "")
+        if w is not None and "heartbeat" in w.timers and not w.stopping:
+            w.timers.pop("heartbeat").cancel()
+            self._arm_heartbeat(w)
+
+    # -- stopping --------------------------------------------------------------------
+    async def stop(self, w: Worker, reason: str, record: Any = None) -> Worker:
+        """Kill the run's whole tree, then (still in one loop step) `record(w)`.
+        Only one stop or exit path finalizes a worker; later callers wait for it."""
+        if w.stopping is not None:
+            await w.finished.wait()
+            return w
+        w.stopping = reason
+        w.cancel_timers()
+        w.sigkilled = await self.reaper.kill_run(w, self.config.kill_grace)
+        if not w.exited.is_set():
+            try:
+                await asyncio.wait_for(w.exited.wait(), 5.0)
+            except asyncio.TimeoutError:
+                log.error("worker_exit_unseen", task_id=w.task_id, run_id=w.run_id, pid=w.pid)
+        log.info("worker_killed", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
+                 profile=w.profile.name, reason=reason, sigkill=w.sigkilled)
+        try:
+            if record is not None:
+                record(w)
+            elif self._run_active(w):
+                pass  # the caller records the outcome right after we return
+            else:
+                self.store.record_exit_status(w.run_id, w.exit_code, w.signal)
+        finally:
+            self._finalize(w)
+        return w
+
+    async def stop_run(self, run_id: str, reason: str) -> Worker | None:
+        w = self.workers.get(run_id)
+        if w is None:
+            return None
+        return await self.stop(w, reason)
+
+    def run_closed(self, run_id: str | None) -> None:
+        """complete/block closed a run whose worker may still be alive: exit_grace."""
+        w = self.workers.get(run_id or "")
+        if w is None or w.stopping or self.loop is None:
+            return
+        w.closed_by_board = True
+        for name in ("runtime", "heartbeat"):
+            h = w.timers.pop(name, None)
+            if h:
+                h.cancel()
+        w.timers["exit_grace"] = self.loop.call_later(
+            self.config.exit_grace, lambda: self._bg(self.stop(w, "exit_grace")))
+
+    def _run_active(self, w: Worker) -> bool:
+        return self.store.get_run(w.run_id)["outcome"] is None
+
+    def _finalize(self, w: Worker) -> None:
+        w.cancel_timers()
+        self.workers.pop(w.run_id, None)
+        w.finished.set()
+        self.wake()
+
+    # -- exits -----------------------------------------------------------------------
+    def _on_exit(self, w: Worker) -> None:
+        log.info("worker_exited", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
+                 profile=w.profile.name, exit_code=w.exit_code,
+                 signal=w.signal, duration_s=round(time.monotonic() - w.started_mono, 3))
+        if w.stopping is None:
+            w.stopping = "exited"
+            self._bg(self._after_exit(w))
+
+    async def _after_exit(self, w: Worker) -> None:
+        try:
+            if self.reaper.run_processes(w):  # leftovers of the tree: no orphan survives
+                await self.reaper.kill_run(w, self.config.kill_grace)
+            self._classify(w)
+        finally:
+            self._finalize(w)
+
+    def _classify(self, w: Worker) -> None:
+        """Exactly one outcome per run, from the §4 table."""
+        run = self.store.get_run(w.run_id)
+        if run["outcome"] is not None:  # complete/block/archive closed it already
+            self.store.record_exit_status(w.run_id, w.exit_code, w.signal)
+            return
+        tail = tail_text(w.log_path, w.log_offset)
+        if w.exit_code is None and w.signal is None:
+            self._end(w, "lost", "the worker ended while kanband was away; its exit status "
+                      "is unknown", {})
+        elif w.signal is None and w.exit_code == 0:
+            if w.profile.complete_on_exit:
+                task = self.store.complete(w.task_id, result=last_line(tail), summary=None,
+                                           metadata=None, now=time.time())
+                self.store.record_exit_status(w.run_id, 0, None)
+                log.info("run_completed", task_id=w.task_id, run_id=w.run_id,
+                         result=(task["result"] or "")[:200])
+            else:
+                self._fail(w, "no_result", _with_tail(
+                    "exited 0 without kanbanctl complete or block", tail), {})
+        elif w.signal is None and w.exit_code == EXIT_RATE_LIMITED:
+            retry_at = time.time() + w.profile.rate_limit_cooldown
+            self._end(w, "rate_limited", f"exit status {EXIT_RATE_LIMITED} (rate limited)",
+                      {"retry_at": retry_at}, cooldown=w.profile.rate_limit_cooldown)
+        else:
+            self._fail(w, "crashed", _with_tail(describe_exit(w.exit_code, w.signal), tail),
+                       {"exit_code": w.exit_code, "signal": w.signal})
+
+    def _fail(self, w: Worker, outcome: str, error: str, payload: dict[str, Any]) -> None:
+        self._end(w, outcome, error, payload)
+
+    def _end(self, w: Worker, outcome: str, error: str, payload: dict[str, Any],
+             cooldown: float = 0.0) -> None:
+        try:
+            self.store.end_run(w.run_id, outcome, now=time.time(),
+                               failure_limit=w.failure_limit or self.config.failure_limit,
+                               backoff=self.config.backoff, cooldown=cooldown, error=error,
+                               exit_code=w.exit_code, signal=w.signal, payload=payload)
+        except Conflict:
+            self.store.record_exit_status(w.run_id, w.exit_code, w.signal)
+            return
+        task = self.store.get_task(w.task_id)
+        if task["status"] == states.BLOCKED:
+            log.warning("gave_up", task_id=w.task_id, run_id=w.run_id, profile=w.profile.name,
+                        failures=task["consecutive_failures"], last_outcome=outcome)
+        log.info("run_ended", task_id=w.task_id, run_id=w.run_id, outcome=outcome,
+                 exit_code=w.exit_code, signal=w.signal, error=error.splitlines()[0][:200])
+
+    # -- restart: re-adoption ------------------------------------------------------
+    def readopt(self) -> dict[str, int]:
+        """For every active daemon-spawned run: adopt a live worker, or close the run
+        with the outcome its exit file records, else `lost`."""
+        adopted = ended = 0
+        for run in self.store.active_runs():
+            if not run["claimer"].startswith("kanband@"):
+                continue
+            task = self.store.get_task(run["task_id"])
+            profile = self.config.profiles.get(run["profile"] or "") or Profile(
+                name=run["profile"] or "?", command=("?",))
+            run_dir = self.paths.runs / run["id"]
+            try:
+                offset = int((run_dir / "log_offset").read_text())
+            except (OSError, ValueError):
+                offset = 0
+            w = Worker(run_id=run["id"], task_id=run["task_id"], profile=profile,
+                       pid=run["worker_pid"] or 0, start_time=run["worker_start_time"],
+                       started_mono=time.monotonic() - max(0.0, time.time() - run["started_at"]),
+                       log_path=self.paths.logs / f"{run['task_id']}.log", log_offset=offset,
+                       run_dir=run_dir, adopted=True)
+            if run["worker_pid"] and same_process(run["worker_pid"], run["worker_start_time"]):
+                self.workers[w.run_id] = w
+                self.store.adopt(w.run_id, w.pid, time.time())
+                log.info("worker_adopted", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
+                         profile=profile.name)
+                self._arm_timers(w, task, elapsed=time.time() - run["started_at"])
+                self.reaper.track(w)
+                adopted += 1
+                continue
+            status = read_exit_file(run_dir)
+            if status is not None:
+                w.exit_code, w.signal = status
+            w.stopping = "exited"
+            self._classify(w)
+            ended += 1
+        return {"adopted": adopted, "ended": ended}
+
+    # -- shutdown ----------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        self.stopping = True
+        if self._backoff_timer is not None:
+            self._backoff_timer.cancel()
+        if self.config.on_stop == "keep":
+            for w in list(self.workers.values()):
+                w.cancel_timers()
+                self.reaper._untrack(w)
+            log.info("workers_kept", count=len(self.workers))
+            return
+
+        def interrupted(w: Worker) -> None:
+            if self._run_active(w):
+                self._end(w, "interrupted", "kanband shut down", {})
+            else:
+                self.store.record_exit_status(w.run_id, w.exit_code, w.signal)
+        await asyncio.gather(*(self.stop(w, "interrupted", interrupted)
+                               for w in list(self.workers.values())), return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+
+
+def _with_tail(text: str, tail: str) -> str:
+    tail = tail.strip()
+    if not tail:
+        return text
+    return f"{text}\n--- last output ---\n{tail[-2048:]}"
+
+
+def _log_header(path: Path, run_id: str, profile: str, argv: list[str]) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    _log_note(path, f"run {run_id} ({profile}) started at {stamp}: {' '.join(argv)[:500]}")
+
+
+def _log_note(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"=== kanband: {text}\n".encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        if isinstance(exc, KanbanError):
+            log.warning("background_refused", error=exc.message)
+        else:
+            log.error("background_failed", error=repr(exc), exc_info=exc)

@@ -1,0 +1,180 @@
+"""Test harness: a real kanband on a temp home, real kanbanctl processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from kanband.protocol import Client, Unreachable, TimedOut
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.02) -> Any:
+    """Poll `pred` until it returns something truthy; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = pred()
+        except Exception as e:  # keep polling; report the last error
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+        time.sleep(interval)
+
+
+class Kanband:
+    """One kanband process on its own home directory."""
+
+    def __init__(self, home: Path, config: str | None = None) -> None:
+        self.home = home
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.socket = home / "kanband.sock"
+        self.pidfile = home / "kanband.pid"
+        self.log = home / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        if config is not None:
+            self.write_config(config)
+
+    def write_config(self, text: str) -> None:
+        (self.home / "kanband.toml").write_text(text)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("KANBAN_", "NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_"))}
+        env["KANBAN_HOME"] = str(self.home)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self, *args: str, wait: bool = True) -> "Kanband":
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kanband", "--log-format", "json",
+                                      *args], env=self.env, stdout=self._logf,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"kanband exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                self.call("system.ping")
+                return True
+            except (Unreachable, TimedOut):
+                return False
+        wait_for(up, timeout, "kanband to answer system.ping")
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def client(self, timeout: float = 15.0, token: str | None = None) -> Client:
+        return Client(str(self.socket), timeout=timeout, token=token).connect()
+
+    def call(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> Any:
+        with Client(str(self.socket), timeout=15.0, token=kw.pop("token", None)) as c:
+            return c.call(method, {**(params or {}), **kw})
+
+    def ctl(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        e = self.env
+        if env:
+            e.update(env)
+        return subprocess.run([sys.executable, "-m", "kanbanctl", *args], env=e,
+                              capture_output=True, text=True, timeout=timeout, input=input)
+
+    def ctl_json(self, *args: str, env: dict[str, str] | None = None) -> Any:
+        r = self.ctl(*args, "--json", env=env)
+        assert r.returncode == 0, f"kanbanctl {' '.join(args)} failed ({r.returncode}): {r.stderr}"
+        return json.loads(r.stdout)
+
+    def create(self, title: str = "t", **params: Any) -> dict[str, Any]:
+        return self.call("task.create", title=title, **params)["task"]
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return self.call("task.show", id=task_id)["task"]
+
+    def wait_status(self, task_id: str, status: str | set[str], timeout: float = 20.0) -> dict[str, Any]:
+        want = {status} if isinstance(status, str) else status
+        return wait_for(lambda: (t := self.task(task_id))["status"] in want and t,
+                        timeout, f"{task_id} to reach {want}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._logf.close()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self._logf.close()
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def home() -> Any:
+    # Short paths: a Unix socket path must fit in 107 bytes.
+    d = Path(tempfile.mkdtemp(prefix="kb", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def kanband_factory(home: Path) -> Any:
+    made: list[Kanband] = []
+
+    def make(config: str | None = None, sub: str = "h", start: bool = True,
+             args: tuple[str, ...] = ()) -> Kanband:
+        k = Kanband(home / sub, config)
+        made.append(k)
+        if start:
+            k.start(*args)
+        return k
+
+    yield make
+    for k in made:
+        k.cleanup()
+
+
+@pytest.fixture
+def kd(kanband_factory: Any) -> Kanband:
+    """A running kanband with the default config."""
+    return kanband_factory()
