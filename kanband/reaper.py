@@ -299,6 +299,33 @@ class Reaper:
                 continue
         return list(found.values())
 
+    def has_leftovers(self, w: Worker) -> bool:
+        """Cheap check after a worker exits: anything of its run still alive?
+        Its process group, descendants seen earlier, or orphans reparented to
+        us (we are the subreaper) that carry its KANBAN_RUN_ID."""
+        if _group_alive(w.pgid):
+            return True
+        if any(same_process(pid, ct) for pid, ct in w.known.items()):
+            return True
+        try:
+            kids = psutil.Process().children()
+        except psutil.Error:
+            return False
+        for p in kids:
+            if p.pid in self.by_pid:
+                continue
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if p.environ().get("KANBAN_RUN_ID") == w.run_id:
+                    return True
+                for c in p.children(recursive=True):
+                    if c.environ().get("KANBAN_RUN_ID") == w.run_id:
+                        return True
+            except psutil.Error:
+                continue
+        return False
+
     async def kill_run(self, w: Worker, grace: float) -> bool:
         """SIGTERM, wait up to `grace`, SIGKILL; returns True if SIGKILL was needed.
         Returns only once every attributed process is gone (or unkillable)."""

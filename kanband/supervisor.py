@@ -332,7 +332,7 @@ class Supervisor:
 
     async def _after_exit(self, w: Worker) -> None:
         try:
-            if self.reaper.run_processes(w):  # leftovers of the tree: no orphan survives
+            if self.reaper.has_leftovers(w):  # leftovers of the tree: no orphan survives
                 await self.reaper.kill_run(w, self.config.kill_grace)
             self._classify(w)
         finally:
