@@ -319,7 +319,8 @@ def cmd_link(ctx: Ctx) -> int:
 
 
 def cmd_claim(ctx: Ctx) -> int:
-    r = ctx.call("task.claim", id=ctx.args.id, ttl=ctx.args.ttl)
+    r = ctx.call("task.claim", id=ctx.args.id, ttl=ctx.args.ttl,
+                 claimer=os.environ.get("KANBAN_PROFILE") or _user())
     if ctx.json:
         ctx.out({"run_id": r["run_id"], "token": r["token"], "workspace": r["workspace"],
                  "lease_expires": r["lease_expires"], "task_id": ctx.args.id})
@@ -511,6 +512,17 @@ def cmd_log(ctx: Ctx) -> int:
         return EXIT_OK
     sys.stdout.write(r["text"])
     sys.stdout.flush()
+    # --follow: read on from where we are until the task ends and its output
+    # is drained. (Polls by offset; a push stream comes with events.subscribe.)
+    while a.follow:
+        time.sleep(0.2)
+        r = ctx.call("task.log", id=a.id, offset=r["next_offset"])
+        sys.stdout.write(r["text"])
+        sys.stdout.flush()
+        if not r["text"] and ctx.call("task.show", id=a.id)["task"]["status"] != "running":
+            r = ctx.call("task.log", id=a.id, offset=r["next_offset"])
+            sys.stdout.write(r["text"])
+            break
     return EXIT_OK
 
 
@@ -672,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = verb("log", cmd_log, "print a task's worker output")
     s.add_argument("id")
     s.add_argument("--tail", type=int, metavar="BYTES", help="only the last BYTES bytes")
-    s.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the task stops running (Ctrl-C to stop)")
 
     s = verb("wait", cmd_wait, "wait until tasks are done, blocked or archived "
              "(exit 0 only if all are done, 4 on timeout)")

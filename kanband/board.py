@@ -8,7 +8,6 @@ handlers that need one ask it through `self.supervisor`.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import hashlib
 import os
 import secrets
@@ -27,7 +26,18 @@ from kanband.store import Store
 
 # Methods through which a run-token holder may change only its own task.
 TOKEN_SCOPED = frozenset({"task.complete", "task.block", "task.heartbeat", "task.unblock",
-                          "task.archive", "task.assign", "task.claim", "task.reclaim"})
+                          "task.archive", "task.assign", "task.claim", "task.reclaim",
+                          "task.promote", "task.link", "task.unlink"})
+# Board-wide switches a worker's token may not throw.
+OPERATOR_ONLY = frozenset({"board.dispatch", "daemon.pause", "daemon.resume", "daemon.reload"})
+
+
+def _user_name(uid: int | None) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(os.getuid() if uid is None else uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def hash_token(token: str) -> str:
@@ -75,8 +85,12 @@ class Board:
             raise Forbidden("run token is not valid")
         return Caller(run=run, uid=uid, pid=pid)
 
-    def check_scope(self, method: str, caller: Caller, task_id: str) -> None:
-        if caller.run is None or method not in TOKEN_SCOPED:
+    def check_scope(self, method: str, caller: Caller, task_id: str | None = None) -> None:
+        if caller.run is None:
+            return
+        if method in OPERATOR_ONLY:
+            raise Forbidden(f"{method} is for operators; a run token may not call it")
+        if method not in TOKEN_SCOPED or task_id is None:
             return
         run = caller.run
         if run["task_id"] != task_id:
@@ -193,12 +207,14 @@ class Board:
     def link(self, p: Params, caller: Caller) -> dict[str, Any]:
         parent, child = p.task_id("parent"), p.task_id("child")
         p.done()
+        self.check_scope("task.link", caller, child)
         task = self.store.link(parent, child, self.clock())
         return {"task": self.task_out(task)}
 
     def unlink(self, p: Params, caller: Caller) -> dict[str, Any]:
         parent, child = p.task_id("parent"), p.task_id("child")
         p.done()
+        self.check_scope("task.unlink", caller, child)
         task = self.store.unlink(parent, child, self.clock())
         self.wake()
         return {"task": self.task_out(task)}
@@ -206,10 +222,13 @@ class Board:
     def claim(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.task_id()
         ttl = p.number("ttl", minimum=1)
-        who = p.str("claimer") or getpass.getuser()
+        who = p.str("claimer") or _user_name(caller.uid)
         p.done()
         self.check_scope("task.claim", caller, tid)
         task = self.store.get_task(tid)
+        if task["status"] != states.READY:  # before touching the workspace
+            raise Conflict(states.refusal("claim", tid, task["status"]),
+                           {"task_id": tid, "status": task["status"]})
         try:
             ws = workspace.prepare(task, self.paths.workspaces)
         except OSError as e:
@@ -294,6 +313,7 @@ class Board:
     def promote(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.task_id()
         p.done()
+        self.check_scope("task.promote", caller, tid)
         task = self.store.promote(tid, self.clock())
         self.wake()
         return {"task": self.task_out(task)}
@@ -384,6 +404,7 @@ class Board:
         max_spawn = p.int("max", minimum=0)
         failure_limit = p.int("failure_limit", minimum=1)
         p.done()
+        self.check_scope("board.dispatch", caller)
         if self.supervisor is None:
             raise Conflict("supervision is not running")
         return self.supervisor.dispatch(dry_run=dry_run, max_spawn=max_spawn,
@@ -391,10 +412,12 @@ class Board:
 
     def pause(self, p: Params, caller: Caller) -> dict[str, Any]:
         p.done()
+        self.check_scope("daemon.pause", caller)
         return self._set_paused(True)
 
     def resume(self, p: Params, caller: Caller) -> dict[str, Any]:
         p.done()
+        self.check_scope("daemon.resume", caller)
         return self._set_paused(False)
 
     def _set_paused(self, paused: bool) -> dict[str, Any]:
@@ -406,6 +429,7 @@ class Board:
 
     def reload(self, p: Params, caller: Caller) -> dict[str, Any]:
         p.done()
+        self.check_scope("daemon.reload", caller)
         return self.reload_hook()
 
     def reload_hook(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from kanband import __version__, logs
 from kanband import config as config_mod
 from kanband.board import Board
 from kanband.errors import KanbanError
-from kanband.paths import DaemonPaths, resolve_daemon_paths
+from kanband.paths import DaemonPaths, find_config, resolve_daemon_paths
 from kanband.pidfile import AlreadyRunning, PidFile
 from kanband.rpc import RpcServer
 from kanband.store import Store
@@ -88,6 +88,7 @@ class Daemon:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
         self._owns_socket = False
+        self.config_arg: str | None = None
 
     # -- start-up ------------------------------------------------------------
     def prepare(self) -> None:
@@ -153,7 +154,9 @@ class Daemon:
 
     def reload(self) -> dict[str, Any]:
         try:
-            new = config_mod.load(self.paths.config)
+            # Look again: a config file created since start-up is picked up.
+            path = find_config(self.config_arg, self.paths.home)
+            new = config_mod.load(path)
         except KanbanError as e:
             log.error("config_reload_failed", error=e.message)
             raise
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logs.setup(args.log_format or config.log_format)
     daemon = Daemon(paths, config)
+    daemon.config_arg = args.config
     try:
         daemon.prepare()
     except AlreadyRunning as e:

@@ -150,12 +150,18 @@ class RpcServer:
             self.connections.discard(writer)
             await conn.shutdown()
 
-    async def _fatal(self, writer: asyncio.StreamWriter, err: KanbanError) -> None:
-        """Tell the client what was wrong (as an `error` notification), then close."""
+    async def _fatal(self, writer: asyncio.StreamWriter, err: KanbanError,
+                     reader: asyncio.StreamReader | None = None) -> None:
+        """Tell the client what was wrong (as an `error` notification), then close.
+        With `reader`, first swallow what the client is still sending (bounded),
+        so it is not reset mid-write and can read the error."""
         try:
             writer.write(pack([NOTIFY, "error", [err.to_wire()]]))
             await asyncio.wait_for(writer.drain(), 1.0)
-        except (OSError, asyncio.TimeoutError, ConnectionError):
+            if reader is not None:
+                writer.write_eof()
+                await asyncio.wait_for(_discard(reader, 64 * 1024 * 1024), 1.0)
+        except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError):
             pass
         writer.close()
 
@@ -186,7 +192,8 @@ class Connection:
                 log.warning("rpc_input_too_large", peer_pid=self.pid,
                             limit=self.server.max_buffer)
                 await self.server._fatal(self.writer, TooLarge(
-                    f"input exceeds the per-connection buffer of {self.server.max_buffer} bytes"))
+                    f"input exceeds the per-connection buffer of {self.server.max_buffer} bytes"),
+                    self.reader)
                 return
             while True:
                 try:
@@ -282,3 +289,12 @@ class Connection:
         except (OSError, ConnectionError, asyncio.TimeoutError):
             pass
 
+
+
+async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
+    seen = 0
+    while seen < limit:
+        chunk = await reader.read(256 * 1024)
+        if not chunk:
+            return
+        seen += len(chunk)

@@ -700,6 +700,7 @@ class Store:
                 failures = task["consecutive_failures"] + 1
                 sets.update(consecutive_failures=failures, last_failure_error=error)
                 if failures >= failure_limit:
+                    sets["not_before"] = None
                     self._move(task_id, "give_up", states.BLOCKED, now, sets)
                     self._emit(task_id, "gave_up", {"failures": failures, "last_outcome": outcome,
                                                     "error": error}, now, run_id)
