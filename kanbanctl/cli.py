@@ -496,7 +496,11 @@ def cmd_pause(ctx: Ctx) -> int:
 
 
 def cmd_reload(ctx: Ctx) -> int:
-    r = ctx.call("daemon.reload")
+    try:
+        r = ctx.call("daemon.reload")
+    except KanbanError as e:  # the daemon refused the file: not a usage error
+        print(f"kanbanctl: config refused, the old one stays: {e.message}", file=sys.stderr)
+        return EXIT_FAILED
     if ctx.json:
         ctx.out(r)
     else:
@@ -708,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except Unreachable as e:
         print(f"kanbanctl: {e}\n  kanband is not running (or not at this socket). Start it with "
-              "`kanband` (foreground), `kanband --detach`, or `systemctl start kanband`; "
+              "`kanband` (foreground), `kanband &`, or `systemctl start kanband`; "
               "point kanbanctl at it with --socket, --home or $KANBAN_HOME.", file=sys.stderr)
         return EXIT_UNREACHABLE
     except TimedOut as e:

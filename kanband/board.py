@@ -132,7 +132,7 @@ class Board:
 
     # -- tasks ---------------------------------------------------------------
     def create(self, p: Params, caller: Caller) -> dict[str, Any]:
-        title = check_title(p.str("title", required=True, max_bytes=4 * 500 + 64))
+        title = check_title(p.str("title", required=True, max_bytes=MAX_TEXT, single_line=True))
         body = p.text("body") or ""
         assignee = p.str("assignee") or None
         if assignee == "none":
@@ -228,6 +228,9 @@ class Board:
         task = self.store.get_task(tid)
         if task["status"] != states.READY:  # before touching the workspace
             raise Conflict(states.refusal("claim", tid, task["status"]),
+                           {"task_id": tid, "status": task["status"]})
+        if self.supervisor is not None and tid in self.supervisor.busy_tasks():
+            raise Conflict(f"cannot claim {tid}: its previous worker is still exiting",
                            {"task_id": tid, "status": task["status"]})
         try:
             ws = workspace.prepare(task, self.paths.workspaces)

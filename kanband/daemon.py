@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,9 @@ class StartupError(Exception):
 def bind_socket(path: Path, mode: int, group: str) -> socket.socket:
     """Bind the listening socket, replacing a stale one; refuse a live one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
+    if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.stat().st_mode)):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    if path.exists():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
         try:
@@ -124,7 +127,7 @@ class Daemon:
             self.loop.add_signal_handler(sig, self.request_stop, sig)
         self.loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         self.supervisor.start(self.loop)
-        adoption = self.supervisor.readopt()
+        adoption = await self.supervisor.readopt()
         self.rpc = RpcServer(self.board)
         await self.rpc.start(self.sock)
         self.expire_leases()

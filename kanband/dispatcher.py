@@ -45,7 +45,8 @@ class Slots:
 
 
 def waiting_reason(task: dict[str, Any], *, now: float, slots: Slots, paused: bool,
-                   unfinished_parents: Callable[[str], list[str]]) -> str | None:
+                   unfinished_parents: Callable[[str], list[str]],
+                   busy: set[str] | frozenset[str] = frozenset()) -> str | None:
     """Why a ready/todo task is not running, in words an operator can act on."""
     status = task["status"]
     if status == "todo":
@@ -55,6 +56,8 @@ def waiting_reason(task: dict[str, Any], *, now: float, slots: Slots, paused: bo
         return "waiting to be promoted"
     if status != "ready":
         return None
+    if task["id"] in busy:
+        return "the previous worker of this task is still exiting (exit_grace / kill_grace)"
     if task["not_before"] is not None and task["not_before"] > now:
         left = task["not_before"] - now
         when = time.strftime("%H:%M:%S", time.localtime(task["not_before"]))

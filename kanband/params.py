@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from kanband.config import parse_duration
-from kanband.errors import InvalidArgument, TooLarge
+from kanband.errors import InvalidArgument
 
 MAX_TITLE = 500
 MAX_TEXT = 256 * 1024  # body, summary, comment, result (UTF-8 bytes)
@@ -46,7 +46,7 @@ class Params:
         return value
 
     def str(self, name: str, required: bool = False, max_bytes: int = MAX_NAME,
-            allow_empty: bool = True) -> str | None:
+            allow_empty: bool = True, single_line: bool = False) -> str | None:
         v = self._get(name, required)
         if v is None:
             return None
@@ -54,9 +54,9 @@ class Params:
             raise InvalidArgument(f"{name}: expected a string, got {type(v).__name__}")
         size = len(v.encode("utf-8", "surrogatepass"))
         if size > max_bytes:
-            raise TooLarge(f"{name}: {size} bytes is over the limit of {max_bytes}")
-        if max_bytes <= MAX_NAME and ("\x00" in v or "\n" in v):
-            raise InvalidArgument(f"{name}: must not contain NUL or newline characters")
+            raise InvalidArgument(f"{name}: {size} bytes is over the limit of {max_bytes}")
+        if (max_bytes <= MAX_NAME or single_line) and any(c in v for c in "\x00\n\r"):
+            raise InvalidArgument(f"{name}: must not contain NUL or line breaks")
         if not allow_empty and not v.strip():
             raise InvalidArgument(f"{name}: must not be empty")
         return v
@@ -115,7 +115,7 @@ class Params:
         if not isinstance(v, (list, tuple)):
             raise InvalidArgument(f"{name}: expected a list of strings")
         if len(v) > max_items:
-            raise TooLarge(f"{name}: {len(v)} items is over the limit of {max_items}")
+            raise InvalidArgument(f"{name}: {len(v)} items is over the limit of {max_items}")
         for item in v:
             if not isinstance(item, str):
                 raise InvalidArgument(f"{name}: expected a list of strings, found {item!r}")
@@ -134,7 +134,7 @@ class Params:
         except (TypeError, ValueError) as e:
             raise InvalidArgument(f"{name}: cannot be stored as JSON: {e}") from None
         if size > MAX_METADATA:
-            raise TooLarge(f"{name}: {size} bytes encoded is over the limit of {MAX_METADATA}")
+            raise InvalidArgument(f"{name}: {size} bytes encoded is over the limit of {MAX_METADATA}")
         return v
 
 

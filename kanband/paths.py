@@ -108,10 +108,10 @@ def client_socket(socket: str | None = None, home: str | None = None,
     """How kanbanctl finds the daemon (SPEC §1)."""
     if socket:
         return check_socket_path(Path(socket).expanduser())
+    if home:  # an explicit flag beats the environment
+        return check_socket_path(Path(home).expanduser() / SOCKET_NAME)
     if _env("KANBAN_SOCKET", env):
         return check_socket_path(Path(_env("KANBAN_SOCKET", env)).expanduser())  # type: ignore[arg-type]
-    if home:
-        return check_socket_path(Path(home).expanduser() / SOCKET_NAME)
     if _env("KANBAN_HOME", env):
         return check_socket_path(Path(_env("KANBAN_HOME", env)).expanduser() / SOCKET_NAME)  # type: ignore[arg-type]
     candidates = client_socket_candidates(env)

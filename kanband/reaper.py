@@ -118,6 +118,7 @@ class Worker:
     log_offset: int
     run_dir: Path
     adopted: bool = False
+    own_group: bool = True  # False when the pid may be reused: never signal its group
     failure_limit: int | None = None
     pidfd: int | None = None
     popen: subprocess.Popen[bytes] | None = None
@@ -133,8 +134,8 @@ class Worker:
     known: dict[int, float] = field(default_factory=dict)  # pid -> create_time
 
     @property
-    def pgid(self) -> int:
-        return self.pid
+    def pgid(self) -> int | None:
+        return self.pid if self.own_group and self.pid > 1 else None
 
     def cancel_timers(self) -> None:
         for h in self.timers.values():
@@ -290,7 +291,7 @@ class Reaper:
             try:
                 if p.info["uids"] and p.info["uids"].real != mine and mine != 0:
                     continue
-                if os.getpgid(p.pid) == w.pgid:
+                if w.pgid is not None and os.getpgid(p.pid) == w.pgid:
                     add(p)
                     continue
                 if p.environ().get("KANBAN_RUN_ID") == w.run_id:
@@ -298,6 +299,20 @@ class Reaper:
             except (psutil.Error, OSError):
                 continue
         return list(found.values())
+
+    def processes_by_run(self) -> dict[str, list[psutil.Process]]:
+        """Every live process of ours carrying a KANBAN_RUN_ID (a full scan)."""
+        out: dict[str, list[psutil.Process]] = {}
+        for p in psutil.process_iter(["pid"]):
+            if p.pid == os.getpid():
+                continue
+            try:
+                run_id = p.environ().get("KANBAN_RUN_ID")
+                if run_id and p.status() != psutil.STATUS_ZOMBIE:
+                    out.setdefault(run_id, []).append(p)
+            except psutil.Error:
+                continue
+        return out
 
     def has_leftovers(self, w: Worker) -> bool:
         """Cheap check after a worker exits: anything of its run still alive?
@@ -345,10 +360,11 @@ class Reaper:
         return True
 
     def _send(self, w: Worker, procs: list[psutil.Process], sig: int) -> None:
-        try:
-            os.killpg(w.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if w.pgid is not None:
+            try:
+                os.killpg(w.pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
         for p in procs:
             try:
                 p.send_signal(sig)
@@ -377,8 +393,10 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
+def _group_alive(pgid: int | None) -> bool:
     """Any non-zombie member left in the process group?"""
+    if pgid is None:
+        return False
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):

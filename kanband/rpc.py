@@ -178,7 +178,11 @@ class Connection:
         self.closed = False
 
     async def run(self) -> None:
-        unp = unpacker(self.server.max_buffer)
+        cap = self.server.max_buffer
+        unp = unpacker(cap)
+        fed = 0  # bytes fed so far
+        boundary = 0  # where the last whole message ended (the Unpacker parses
+        # partial messages as bytes arrive, so count what is owed since then)
         while not self.closed:
             try:
                 data = await self.reader.read(256 * 1024)
@@ -186,14 +190,15 @@ class Connection:
                 return
             if not data:
                 return
+            fed += len(data)
             try:
+                if fed - boundary > cap:  # one message may not exceed the cap
+                    raise msgpack.BufferFull
                 unp.feed(data)
             except msgpack.BufferFull:
-                log.warning("rpc_input_too_large", peer_pid=self.pid,
-                            limit=self.server.max_buffer)
+                log.warning("rpc_input_too_large", peer_pid=self.pid, limit=cap)
                 await self.server._fatal(self.writer, TooLarge(
-                    f"input exceeds the per-connection buffer of {self.server.max_buffer} bytes"),
-                    self.reader)
+                    f"input exceeds the per-connection buffer of {cap} bytes"), self.reader)
                 return
             while True:
                 try:
@@ -205,6 +210,7 @@ class Connection:
                     await self.server._fatal(self.writer, InvalidArgument(
                         f"malformed msgpack input: {type(e).__name__}: {str(e)[:200]}"))
                     return
+                boundary = unp.tell()
                 if not await self.accept(msg):
                     return
             try:

@@ -91,9 +91,11 @@ class Supervisor:
                  failure_limit: int | None = None) -> dict[str, Any]:
         """One pass: start ready tasks in priority order while caps allow."""
         now = time.time()
+        if not dry_run:
+            self._end_superseded_lingerers()
         slots = self.slots()
         spawned: list[dict[str, Any]] = []
-        seen: set[str] = set()
+        seen: set[str] = set(self.busy_tasks())  # one live worker per task, ever
         while max_spawn is None or len(spawned) < max_spawn:
             profiles = slots.open_profiles()
             batch = [t for t in self.store.dispatch_candidates(
@@ -125,6 +127,14 @@ class Supervisor:
             self._arm_backoff_timer(now)
         return report
 
+    def _end_superseded_lingerers(self) -> None:
+        """A worker still in exit_grace whose task is ready again (e.g. unblocked)
+        has nothing left to do: kill it now so the next attempt can start."""
+        for w in list(self.workers.values()):
+            if w.closed_by_board and w.stopping is None and \
+                    self.store.get_task(w.task_id)["status"] == states.READY:
+                self._bg(self.stop(w, "superseded"))
+
     def _waiting(self, now: float, slots: Slots, chosen: set[str]) -> list[dict[str, Any]]:
         out = []
         for t in self.store.list_tasks(statuses=[states.READY, states.TODO]):
@@ -137,7 +147,8 @@ class Supervisor:
     def waiting_reason(self, task: dict[str, Any], now: float,
                        slots: Slots | None = None) -> str | None:
         return waiting_reason(task, now=now, slots=slots or self.slots(), paused=self.paused,
-                              unfinished_parents=self.store.unfinished_parents)
+                              unfinished_parents=self.store.unfinished_parents,
+                              busy=self.busy_tasks())
 
     def _arm_backoff_timer(self, now: float) -> None:
         """Wake when the earliest backoff of a dispatchable task ends."""
@@ -304,13 +315,21 @@ class Supervisor:
         w = self.workers.get(run_id or "")
         if w is None or w.stopping or self.loop is None:
             return
+        self._start_exit_grace(w, self.config.exit_grace)
+
+    def _start_exit_grace(self, w: Worker, delay: float) -> None:
+        assert self.loop is not None
         w.closed_by_board = True
         for name in ("runtime", "heartbeat"):
             h = w.timers.pop(name, None)
             if h:
                 h.cancel()
         w.timers["exit_grace"] = self.loop.call_later(
-            self.config.exit_grace, lambda: self._bg(self.stop(w, "exit_grace")))
+            delay, lambda: self._bg(self.stop(w, "exit_grace")))
+
+    def busy_tasks(self) -> set[str]:
+        """Tasks that still have a live worker (e.g. one lingering in exit_grace)."""
+        return {w.task_id for w in self.workers.values()}
 
     def _run_active(self, w: Worker) -> bool:
         return self.store.get_run(w.run_id)["outcome"] is None
@@ -387,42 +406,71 @@ class Supervisor:
                  exit_code=w.exit_code, signal=w.signal, error=error.splitlines()[0][:200])
 
     # -- restart: re-adoption ------------------------------------------------------
-    def readopt(self) -> dict[str, int]:
+    async def readopt(self) -> dict[str, int]:
         """For every active daemon-spawned run: adopt a live worker, or close the run
-        with the outcome its exit file records, else `lost`."""
+        with the outcome its exit file records, else `lost` -- after killing whatever
+        of it survives. Processes of runs that already ended (a worker lingering in
+        exit_grace when kanband died) get the rest of their exit_grace, then die."""
+        strays = self.reaper.processes_by_run()
         adopted = ended = 0
         for run in self.store.active_runs():
             if not run["claimer"].startswith("kanband@"):
                 continue
-            task = self.store.get_task(run["task_id"])
-            profile = self.config.profiles.get(run["profile"] or "") or Profile(
-                name=run["profile"] or "?", command=("?",))
-            run_dir = self.paths.runs / run["id"]
-            try:
-                offset = int((run_dir / "log_offset").read_text())
-            except (OSError, ValueError):
-                offset = 0
-            w = Worker(run_id=run["id"], task_id=run["task_id"], profile=profile,
-                       pid=run["worker_pid"] or 0, start_time=run["worker_start_time"],
-                       started_mono=time.monotonic() - max(0.0, time.time() - run["started_at"]),
-                       log_path=self.paths.logs / f"{run['task_id']}.log", log_offset=offset,
-                       run_dir=run_dir, adopted=True)
+            w = self._worker_from_run(run)
+            procs = strays.pop(run["id"], [])
             if run["worker_pid"] and same_process(run["worker_pid"], run["worker_start_time"]):
-                self.workers[w.run_id] = w
-                self.store.adopt(w.run_id, w.pid, time.time())
-                log.info("worker_adopted", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
-                         profile=profile.name)
-                self._arm_timers(w, task, elapsed=time.time() - run["started_at"])
-                self.reaper.track(w)
+                self._adopt(w, self.store.get_task(run["task_id"]), run)
                 adopted += 1
                 continue
-            status = read_exit_file(run_dir)
+            status = read_exit_file(w.run_dir)
             if status is not None:
                 w.exit_code, w.signal = status
             w.stopping = "exited"
+            w.own_group = False  # the shim is gone: its pid may belong to someone else now
+            if procs:
+                await self.reaper.kill_run(w, self.config.kill_grace)
             self._classify(w)
             ended += 1
+        for run_id, procs in strays.items():
+            try:
+                run = self.store.get_run(run_id)
+            except KanbanError:
+                run = None
+            if run is None or not run["claimer"].startswith("kanband@"):
+                continue  # not ours to judge (another board, or an external claim)
+            w = self._worker_from_run(run)
+            if run["worker_pid"] and same_process(run["worker_pid"], run["worker_start_time"]):
+                self._adopt(w, None, run)
+                left = (run["ended_at"] or time.time()) + self.config.exit_grace - time.time()
+                self._start_exit_grace(w, max(0.0, left))
+            else:
+                w.own_group, w.stopping = False, "exit_grace"
+                self._bg(self.reaper.kill_run(w, self.config.kill_grace))
         return {"adopted": adopted, "ended": ended}
+
+    def _worker_from_run(self, run: dict[str, Any]) -> Worker:
+        profile = self.config.profiles.get(run["profile"] or "") or Profile(
+            name=run["profile"] or "?", command=("?",))
+        run_dir = self.paths.runs / run["id"]
+        try:
+            offset = int((run_dir / "log_offset").read_text())
+        except (OSError, ValueError):
+            offset = 0
+        return Worker(run_id=run["id"], task_id=run["task_id"], profile=profile,
+                      pid=run["worker_pid"] or 0, start_time=run["worker_start_time"],
+                      started_mono=time.monotonic() - max(0.0, time.time() - run["started_at"]),
+                      log_path=self.paths.logs / f"{run['task_id']}.log", log_offset=offset,
+                      run_dir=run_dir, adopted=True)
+
+    def _adopt(self, w: Worker, task: dict[str, Any] | None, run: dict[str, Any]) -> None:
+        self.workers[w.run_id] = w
+        if run["outcome"] is None:
+            self.store.adopt(w.run_id, w.pid, time.time())
+        log.info("worker_adopted", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
+                 profile=w.profile.name, run_outcome=run["outcome"])
+        if task is not None:
+            self._arm_timers(w, task, elapsed=time.time() - run["started_at"])
+        self.reaper.track(w)
 
     # -- shutdown ----------------------------------------------------------------------
     async def shutdown(self) -> None:

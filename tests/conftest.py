@@ -178,3 +178,106 @@ def kanband_factory(home: Path) -> Any:
 def kd(kanband_factory: Any) -> Kanband:
     """A running kanband with the default config."""
     return kanband_factory()
+
+
+# -- helpers added for the board-core suite ------------------------------------------
+import socket as _socket  # noqa: E402
+
+import msgpack  # noqa: E402
+
+from kanband.errors import KanbanError  # noqa: E402
+
+
+def rpc_error(k: Kanband, method: str, **params: Any) -> KanbanError:
+    """Call `method`, which must be refused; return the error it raised."""
+    with pytest.raises(KanbanError) as ei:
+        k.call(method, **params)
+    return ei.value
+
+
+def events_of(k: Kanband, task_id: str) -> list[dict[str, Any]]:
+    return k.call("task.show", id=task_id)["events"]
+
+
+def kinds_of(k: Kanband, task_id: str) -> list[str]:
+    return [e["kind"] for e in events_of(k, task_id)]
+
+
+def snapshot(k: Kanband) -> dict[str, Any]:
+    """Every task (archived included) and the event head: equal snapshots = nothing changed."""
+    tasks = k.call("task.list", archived=True)["tasks"]
+    for t in tasks:
+        t.pop("waiting_reason", None)  # derived from the clock, not stored
+    return {"tasks": sorted(tasks, key=lambda t: t["id"]),
+            "event_head": k.call("board.stats")["event_head"]}
+
+
+class RawConn:
+    """A raw msgpack-rpc connection to a daemon socket, for protocol-level tests."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(os.fspath(path))
+        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        self.closed = False
+
+    def send(self, obj: Any) -> None:
+        self.sock.sendall(msgpack.packb(obj, use_bin_type=True))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, msgid: int, method: str, params: Any = None) -> None:
+        self.send([0, msgid, method, [params if params is not None else {}]])
+
+    def read(self) -> Any:
+        """The next message; fails the test if the daemon closed the connection first."""
+        msg = self.read_or_eof()
+        if msg is None:
+            pytest.fail("the daemon closed the connection instead of answering")
+        return msg
+
+    def read_or_eof(self) -> Any:
+        while True:
+            for msg in self.unpacker:
+                return msg
+            if self.closed:
+                return None
+            try:
+                data = self.sock.recv(256 * 1024)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self.closed = True
+            else:
+                self.unpacker.feed(data)
+
+    def read_until_eof(self) -> list[Any]:
+        """Every message until the daemon closes the connection (times out if it never does)."""
+        out = []
+        while (msg := self.read_or_eof()) is not None:
+            out.append(msg)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "RawConn":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@pytest.fixture(scope="module")
+def shared_kd() -> Any:
+    """One kanband shared by a module's tests: for tests that do not need an empty board."""
+    d = Path(tempfile.mkdtemp(prefix="kb", dir="/tmp"))
+    k = Kanband(d / "h")
+    try:
+        k.start()
+        yield k
+    finally:
+        k.cleanup()
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,226 @@
+"""Helpers for the supervision suites (test_supervision, test_outcomes, test_readopt).
+
+Imported by those test modules; the autouse fixture `kill_leftovers` below becomes
+active in every module that imports it with `from supervision_helpers import *`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from conftest import WORKER, Kanband, wait_for
+
+__all__ = ["PY", "WORKER", "toml", "wcmd", "alive", "gone", "read_pid", "runs_of",
+           "events_of_task", "kinds", "last_run", "daemon_pid", "zombies_under",
+           "children_under", "live_workers", "EnvKanband", "kill_leftovers", "wdir",
+           "board_snapshot", "wait_run", "wait_file_pid"]
+
+PY = sys.executable
+
+
+# -- config --------------------------------------------------------------------------
+def _val(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_val(x)}" for k, x in v.items()) + " }"
+    return json.dumps(v)  # strings, numbers, booleans and lists of them are valid TOML
+
+
+def toml(daemon: dict[str, Any] | None = None, **profiles: dict[str, Any]) -> str:
+    """A kanband.toml: `toml({"max_workers": 2}, fake={"command": [...]})`."""
+    out = ["[daemon]"]
+    for k, v in (daemon or {}).items():
+        out.append(f"{k} = {_val(v)}")
+    for name, prof in profiles.items():
+        out.append(f"\n[profiles.{name}]")
+        for k, v in prof.items():
+            out.append(f"{k} = {_val(v)}")
+    return "\n".join(out) + "\n"
+
+
+def wcmd(*args: Any) -> list[str]:
+    """The command list of a profile that runs tests/worker.py with these options."""
+    return [PY, str(WORKER), *map(str, args)]
+
+
+# -- processes -----------------------------------------------------------------------
+def alive(pid: int | None) -> bool:
+    """The process exists and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def gone(pid: int | None) -> bool:
+    return not alive(pid)
+
+
+def read_pid(path: Path, timeout: float = 15.0) -> int:
+    """Wait for a worker to write its pid file, and return the pid."""
+    def get() -> int | None:
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+    return wait_for(get, timeout, f"pid file {path}")
+
+
+wait_file_pid = read_pid
+
+
+def daemon_pid(k: Kanband) -> int:
+    assert k.proc is not None
+    return k.proc.pid
+
+
+def children_under(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def zombies_under(pid: int) -> list[int]:
+    out = []
+    for c in children_under(pid):
+        try:
+            if c.status() == psutil.STATUS_ZOMBIE:
+                out.append(c.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def live_workers(k: Kanband) -> list[tuple[int, str | None, str | None]]:
+    """(pid, profile, task) of the worker.py processes of this daemon that were all alive
+    at one common instant: list them, then re-check each one (same create time, not a
+    zombie). A process alive at listing and at re-check was alive in between, so all
+    survivors were alive together at the moment the listing finished."""
+    sock = str(k.socket)
+    seen: list[tuple[psutil.Process, float, str | None, str | None]] = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if not cmd or cmd[0] == "/bin/sh" or str(WORKER) not in cmd:
+                continue
+            env = p.environ()
+            if env.get("KANBAN_SOCKET") != sock:
+                continue
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            seen.append((p, p.create_time(), env.get("KANBAN_PROFILE"),
+                         env.get("KANBAN_TASK_ID")))
+        except psutil.Error:
+            continue
+    out = []
+    for p, ctime, profile, task in seen:
+        try:
+            q = psutil.Process(p.pid)
+            if q.create_time() == ctime and q.status() != psutil.STATUS_ZOMBIE:
+                out.append((p.pid, profile, task))
+        except psutil.Error:
+            continue
+    return out
+
+
+def _ours(p: psutil.Process, marker: str) -> bool:
+    try:
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if any(marker in part for part in (p.cmdline() or [])):
+            return True
+        env = p.environ()
+        return any(marker in env.get(k, "") for k in ("KANBAN_SOCKET", "KANBAN_HOME"))
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def kill_leftovers(home: Path) -> Any:
+    """Teardown: SIGKILL, by pid, every process this test started that is still alive
+    (workers, shims, escaped grandchildren: all carry the test's home in their
+    environment or command line). Runs after the daemons are stopped."""
+    yield
+    marker = str(home)
+    me = os.getpid()
+    for _ in range(3):
+        victims = [p for p in psutil.process_iter(["pid"]) if p.pid != me and _ours(p, marker)]
+        if not victims:
+            return
+        for p in victims:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        psutil.wait_procs(victims, timeout=3)
+
+
+# -- board ---------------------------------------------------------------------------
+def wdir(home: Path) -> Path:
+    """A per-test directory for worker pid files, marks and dumps."""
+    d = home / "w"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def runs_of(k: Kanband, task_id: str) -> list[dict[str, Any]]:
+    """Runs of a task, oldest first."""
+    return sorted(k.call("task.runs", id=task_id)["runs"], key=lambda r: r["started_at"])
+
+
+def last_run(k: Kanband, task_id: str) -> dict[str, Any]:
+    runs = runs_of(k, task_id)
+    assert runs, f"{task_id} has no run"
+    return runs[-1]
+
+
+def wait_run(k: Kanband, task_id: str, outcome: str | None = None, count: int = 1,
+             timeout: float = 20.0) -> dict[str, Any]:
+    """Wait until the task has `count` runs and the last one ended (with `outcome`)."""
+    def check() -> Any:
+        runs = runs_of(k, task_id)
+        if len(runs) < count or runs[count - 1]["outcome"] is None:
+            return None
+        r = runs[count - 1]
+        return r if outcome is None or r["outcome"] == outcome else None
+    return wait_for(check, timeout, f"run #{count} of {task_id} to end {outcome or ''}")
+
+
+def events_of_task(k: Kanband, task_id: str) -> list[dict[str, Any]]:
+    return k.call("task.show", id=task_id)["events"]
+
+
+def kinds(k: Kanband, task_id: str) -> list[str]:
+    return [e["kind"] for e in events_of_task(k, task_id)]
+
+
+def board_snapshot(k: Kanband) -> dict[str, Any]:
+    """All tasks, all runs and the event head: equal snapshots = nothing changed."""
+    tasks = k.call("task.list", archived=True)["tasks"]
+    for t in tasks:
+        t.pop("waiting_reason", None)  # derived from the clock
+    runs = {t["id"]: k.call("task.runs", id=t["id"])["runs"] for t in tasks}
+    return {"tasks": sorted(tasks, key=lambda t: t["id"]), "runs": runs,
+            "event_head": k.call("board.stats")["event_head"]}
+
+
+class EnvKanband(Kanband):
+    """A Kanband whose daemon starts with extra environment variables."""
+
+    extra_env: dict[str, str] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        e = super().env
+        e.update(self.extra_env)
+        return e
