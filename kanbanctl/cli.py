@@ -418,9 +418,11 @@ def cmd_stats(ctx: Ctx) -> int:
         ctx.out(r)
         return EXIT_OK
     print("  ".join(f"{ICONS[s]} {s} {n}" for s, n in r["by_status"].items()))
+    oldest = r["oldest_ready_age_seconds"]
     print(f"total {r['total']}, running workers {r['running_workers']}, "
-          f"oldest ready {r['oldest_ready_age_seconds'] if r['oldest_ready_age_seconds'] is not None else '-'}s, "
-          f"events {r['events']}, db {r['db_bytes'] / 1024:.0f} KiB")
+          f"oldest ready {'-' if oldest is None else f'{oldest:.0f}s'}")
+    print(f"disk: db {r['db_bytes'] / 1024:.0f} KiB, {r['events']} events "
+          f"(~{r['event_bytes'] / 1024:.0f} KiB), worker logs {r['log_bytes'] / 1024:.0f} KiB")
     for name, counts in sorted(r["by_assignee"].items()):
         print(f"  {name or '(unassigned)':<14} " + " ".join(f"{s}={n}" for s, n in sorted(counts.items())))
     return EXIT_OK
@@ -546,6 +548,106 @@ def cmd_wait(ctx: Ctx) -> int:
             print(f"kanbanctl: timed out after {a.timeout:g}s", file=sys.stderr)
         return EXIT_TIMEOUT
     return EXIT_OK if all(t["status"] == "done" for t in r["tasks"]) else EXIT_FAILED
+
+
+def _stream(ctx: Ctx, params: dict[str, Any], follow: bool = True) -> int:
+    """Print events from events.subscribe until Ctrl-C (exit 0) or the daemon goes
+    away (exit 3). Without follow, stop once the history is printed."""
+    client = ctx.client
+    client.timeout = None
+    if client._sock is not None:
+        client._sock.settimeout(None)
+    sub = ctx.call("events.subscribe", **params)
+    last = sub["since"]
+    try:
+        while True:
+            method, p = client.next_notification()
+            if method == "event":
+                last = p["id"]
+                if ctx.json:
+                    p.pop("subscription", None)
+                    print(json.dumps(p, default=str), flush=True)
+                else:
+                    print(_event_line(p), flush=True)
+            elif method == "live" and not follow:
+                return EXIT_OK
+            elif method == "lagged":
+                print(f"kanbanctl: {p.get('message', 'fell behind')}", file=sys.stderr)
+                return EXIT_FAILED
+    except Unreachable:
+        print(f"kanbanctl: the daemon closed the stream (it stopped or restarted); "
+              f"resume with: kanbanctl watch --since {last}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_tail(ctx: Ctx) -> int:
+    return _stream(ctx, {"since": 0, "task_id": ctx.args.id}, follow=not ctx.args.no_follow)
+
+
+def cmd_watch(ctx: Ctx) -> int:
+    a = ctx.args
+    kinds = [k for part in (a.kinds or []) for k in part.split(",") if k]
+    return _stream(ctx, {"since": a.since if a.since is not None else -1, "assignee": a.assignee,
+                         "tenant": a.tenant, "kinds": kinds or None})
+
+
+def cmd_gc(ctx: Ctx) -> int:
+    a = ctx.args
+    r = ctx.call("board.gc", event_retention_days=a.event_retention_days,
+                 log_retention_days=a.log_retention_days)
+    if ctx.json:
+        ctx.out(r)
+        return EXIT_OK
+    print(f"removed: {r['workspaces']} workspaces, {r['worktrees']} worktrees, "
+          f"{r['events']} events, {r['logs']} log files, {r['run_dirs']} run dirs")
+    for path in r["refused"]:
+        print(f"refused (outside its root or a symlink): {path}", file=sys.stderr)
+    for err in r["errors"]:
+        print(f"error: {err}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _notify_fields(a: argparse.Namespace) -> dict[str, Any]:
+    return {"chat_id": a.chat_id, "thread_id": a.thread_id, "user_id": a.user_id}
+
+
+def cmd_notify_subscribe(ctx: Ctx) -> int:
+    a = ctx.args
+    r = ctx.call("notify.subscribe", task_id=a.id, platform=a.platform, **_notify_fields(a))
+    if r.get("warning") and not ctx.json:
+        print(f"kanbanctl: warning: {r['warning']}", file=sys.stderr)
+    if ctx.json:
+        ctx.out(r["subscription"])
+    else:
+        s = r["subscription"]
+        print(f"subscribed #{s['id']}: {s['task_id']} -> {s['platform']} "
+              f"chat={s['chat_id'] or '-'} thread={s['thread_id'] or '-'} user={s['user_id'] or '-'}")
+    return EXIT_OK
+
+
+def cmd_notify_list(ctx: Ctx) -> int:
+    r = ctx.call("notify.list", task_id=ctx.args.id)
+    if ctx.json:
+        ctx.out(r["subscriptions"])
+        return EXIT_OK
+    if not r["subscriptions"]:
+        print("(no subscriptions)")
+    for s in r["subscriptions"]:
+        print(f"#{s['id']:<4} {s['task_id']} {s['platform']:<10} chat={s['chat_id'] or '-'} "
+              f"thread={s['thread_id'] or '-'} user={s['user_id'] or '-'} cursor={s['last_event_id']}")
+    return EXIT_OK
+
+
+def cmd_notify_unsubscribe(ctx: Ctx) -> int:
+    a = ctx.args
+    r = ctx.call("notify.unsubscribe", task_id=a.id, platform=a.platform, **_notify_fields(a))
+    if ctx.json:
+        ctx.out(r)
+    else:
+        print(f"removed {r['removed']} subscription(s) of {a.id}")
+    return EXIT_OK
 
 
 def cmd_daemon(ctx: Ctx) -> int:
@@ -694,6 +796,40 @@ def build_parser() -> argparse.ArgumentParser:
              "(exit 0 only if all are done, 4 on timeout)")
     s.add_argument("ids", nargs="+", metavar="ID")
     s.add_argument("--timeout", type=_positive, metavar="SECONDS", help="give up after this long")
+
+    s = verb("tail", cmd_tail, "print a task's events, then follow new ones (Ctrl-C to stop)")
+    s.add_argument("id")
+    s.add_argument("--interval", type=float, help="accepted for compatibility; events are pushed")
+    s.add_argument("--no-follow", action="store_true", help="print the history and exit")
+
+    s = verb("watch", cmd_watch, "print board events as they happen (Ctrl-C to stop)")
+    s.add_argument("--assignee", help="only tasks of this assignee")
+    s.add_argument("--tenant", help="only tasks of this tenant")
+    s.add_argument("--kinds", action="append", metavar="A,B", help="only these event kinds")
+    s.add_argument("--since", type=int, metavar="N",
+                   help="replay events after id N first (default: from now)")
+
+    s = verb("gc", cmd_gc, "remove archived tasks' workspaces, old events and old log files")
+    s.add_argument("--event-retention-days", type=float, default=30.0, metavar="N",
+                   help="delete events of done/archived tasks older than N days (default 30)")
+    s.add_argument("--log-retention-days", type=float, default=30.0, metavar="N",
+                   help="delete worker logs and run directories older than N days (default 30)")
+
+    for name, fn, help in (
+            ("notify-subscribe", cmd_notify_subscribe,
+             "send a task's terminal events to a [notifiers.PLATFORM] command"),
+            ("notify-unsubscribe", cmd_notify_unsubscribe, "remove notify subscriptions of a task"),
+            ("notify-list", cmd_notify_list, "list notify subscriptions")):
+        s = verb(name, fn, help)
+        if name == "notify-list":
+            s.add_argument("id", nargs="?", help="only this task's subscriptions")
+            continue
+        s.add_argument("id")
+        s.add_argument("--platform", required=name == "notify-subscribe",
+                       help="notifier platform name (a [notifiers.NAME] in the config)")
+        s.add_argument("--chat-id", help="chat/channel id passed to the notifier")
+        s.add_argument("--thread-id", help="thread id passed to the notifier")
+        s.add_argument("--user-id", help="user id passed to the notifier")
 
     s = sub.add_parser("daemon", help="run kanband in the foreground (same as `kanband`)")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to kanband")

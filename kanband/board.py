@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kanband import __version__, context, states, workspace
+from kanband import __version__, context, gc, states, workspace
 from kanband.config import Config
 from kanband.dispatcher import Slots, waiting_reason
 from kanband.errors import Conflict, Forbidden, InvalidArgument, NotFound
@@ -29,7 +29,8 @@ TOKEN_SCOPED = frozenset({"task.complete", "task.block", "task.heartbeat", "task
                           "task.archive", "task.assign", "task.claim", "task.reclaim",
                           "task.promote", "task.link", "task.unlink"})
 # Board-wide switches a worker's token may not throw.
-OPERATOR_ONLY = frozenset({"board.dispatch", "daemon.pause", "daemon.resume", "daemon.reload"})
+OPERATOR_ONLY = frozenset({"board.dispatch", "daemon.pause", "daemon.resume", "daemon.reload",
+                           "board.gc"})
 
 
 def _user_name(uid: int | None) -> str:
@@ -390,6 +391,8 @@ class Board:
                 "oldest_ready_age_seconds": None if oldest is None else round(now - oldest, 3),
                 "running": by_status[states.RUNNING], "running_workers": info["running"],
                 "total": sum(by_status.values()), "events": self.store.event_count(),
+                "event_bytes": self.store.event_bytes(),
+                "log_bytes": gc.disk_usage(self.paths.logs),
                 "event_head": self.store.event_head(), "db_bytes": self.store.db_size_bytes()}
 
     def assignees(self, p: Params, caller: Caller) -> dict[str, Any]:
@@ -500,6 +503,14 @@ class Board:
         for watch, changed in self._waiters:
             if watch & touched:
                 changed.set()
+
+    def gc(self, p: Params, caller: Caller) -> dict[str, Any]:
+        event_days = p.number("event_retention_days", minimum=0, maximum=36500)
+        log_days = p.number("log_retention_days", minimum=0, maximum=36500)
+        p.done()
+        self.check_scope("board.gc", caller)
+        return gc.collect(self.store, self.paths, 30.0 if event_days is None else event_days,
+                          30.0 if log_days is None else log_days, now=self.clock())
 
     # -- hooks the daemon fills in -------------------------------------------
     def on_lease_change(self) -> None:

@@ -28,6 +28,8 @@ from kanband.paths import DaemonPaths, find_config, resolve_daemon_paths
 from kanband.pidfile import AlreadyRunning, PidFile
 from kanband.rpc import RpcServer
 from kanband.store import Store
+from kanband.notify import Notifier
+from kanband.streams import EventBus
 from kanband.supervisor import Supervisor
 
 log = structlog.get_logger("kanband")
@@ -84,6 +86,7 @@ class Daemon:
         self.pidfile = PidFile(paths.pidfile)
         self.store: Store | None = None
         self.supervisor: Supervisor | None = None
+        self.notifier: Notifier | None = None
         self.board: Board | None = None
         self.rpc: RpcServer | None = None
         self.sock: socket.socket | None = None
@@ -129,6 +132,10 @@ class Daemon:
         self.supervisor.start(self.loop)
         adoption = await self.supervisor.readopt()
         self.rpc = RpcServer(self.board)
+        self.rpc.targets["stream"] = EventBus(self.store)
+        self.notifier = Notifier(self.store, self.supervisor.reaper, self.paths, self.config)
+        self.rpc.targets["notify"] = self.notifier
+        self.notifier.start()
         await self.rpc.start(self.sock)
         self.expire_leases()
         sweeper = asyncio.ensure_future(self._sweep())
@@ -142,6 +149,7 @@ class Daemon:
         if self._lease_timer:
             self._lease_timer.cancel()
         await self.rpc.close()
+        await self.notifier.close()
         await self.supervisor.shutdown()
 
     def request_stop(self, sig: int = signal.SIGTERM) -> None:
@@ -169,6 +177,9 @@ class Daemon:
         if self.supervisor is not None:
             self.supervisor.config = new
             self.supervisor.wake()
+        if self.notifier is not None:
+            self.notifier.config = new
+            self.notifier.start()  # a newly configured platform gets its backlog
         log.info("config_reloaded", source=new.source, profiles=sorted(new.profiles))
         return {"config": new.source}
 

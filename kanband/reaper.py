@@ -157,6 +157,7 @@ class Reaper:
         self.on_exit = on_exit
         self.loop: asyncio.AbstractEventLoop | None = None
         self.subreaper = False
+        self.helpers: dict[int, asyncio.Future[int]] = {}  # pid -> exit code
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -184,6 +185,43 @@ class Reaper:
         finally:
             os.close(fd)
         return p, offset
+
+    async def run_command(self, argv: list[str], *, stdin: bytes, log_path: Path,
+                          timeout: float, env: dict[str, str] | None = None) -> int:
+        """Run a helper command (e.g. a notifier) to completion; reaped like workers
+        are, so it never races the daemon's waitpid. Returns its exit code
+        (negative: killed by that signal); raises OSError if it cannot start."""
+        import tempfile
+        assert self.loop is not None
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile() as inp:
+            inp.write(stdin)
+            inp.seek(0)
+            out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                p = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, close_fds=True, env=env)
+            finally:
+                os.close(out)
+        fut: asyncio.Future[int] = self.loop.create_future()
+        self.helpers[p.pid] = fut
+        self.reap_all()
+        try:
+            code = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    code = await asyncio.wait_for(asyncio.shield(fut), 2.0)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+            code = -signal.SIGKILL if not fut.done() else fut.result()
+        p.returncode = code  # reaped by us: Popen must never wait
+        return code
 
     def track(self, w: Worker) -> None:
         assert self.loop is not None
@@ -224,7 +262,11 @@ class Reaper:
                 return
             w = self.by_pid.get(pid)
             if w is None:
-                log.debug("orphan_reaped", pid=pid, status=status)
+                fut = self.helpers.pop(pid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(os.waitstatus_to_exitcode(status))
+                else:
+                    log.debug("orphan_reaped", pid=pid, status=status)
                 continue
             code = os.waitstatus_to_exitcode(status)
             if code < 0:

@@ -65,6 +65,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("daemon.reload", "reload", "Re-read the config file; a bad one is refused."),
     Method("task.log", "log", "Worker output of a task (tail bytes or from an offset)."),
     Method("task.wait", "wait", "Block until every task is done/blocked/archived or timeout."),
+    Method("events.subscribe", "subscribe",
+           "Replay events after `since`, then push new ones as `event` notifications.", "stream"),
+    Method("events.unsubscribe", "unsubscribe", "End a subscription of this connection.",
+           "stream"),
+    Method("notify.subscribe", "subscribe",
+           "Deliver a task's terminal events to a [notifiers.PLATFORM] command.", "notify"),
+    Method("notify.list", "list", "List notify subscriptions (optionally of one task).", "notify"),
+    Method("notify.unsubscribe", "unsubscribe", "Remove matching notify subscriptions.",
+           "notify"),
+    Method("board.gc", "gc", "Remove archived tasks' workspaces, old events and old logs."),
 )}
 
 
@@ -176,6 +186,7 @@ class Connection:
         self.uid = uid
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
+        self.on_close: list[Callable[[], None]] = []
 
     async def run(self) -> None:
         cap = self.server.max_buffer
@@ -287,6 +298,8 @@ class Connection:
 
     async def shutdown(self) -> None:
         self.closed = True
+        for fn in self.on_close:
+            fn()
         for t in list(self.tasks):
             t.cancel()
         try:

@@ -330,17 +330,30 @@ class Store:
         return self._db.execute("SELECT count(*) FROM comments WHERE task_id=?",
                                 (task_id,)).fetchone()[0]
 
-    def events(self, *, since: int = 0, task_id: str | None = None, limit: int | None = None,
-               kinds: list[str] | None = None) -> list[Event]:
-        where, args = ["id > ?"], [since]
+    def events(self, *, since: int = 0, upto: int | None = None, task_id: str | None = None,
+               limit: int | None = None, kinds: list[str] | None = None,
+               assignee: str | None = None, tenant: str | None = None) -> list[Event]:
+        where, args = ["e.id > ?"], [since]
+        if upto is not None:
+            where.append("e.id <= ?")
+            args.append(upto)
         if task_id is not None:
-            where.append("task_id = ?")
+            where.append("e.task_id = ?")
             args.append(task_id)
         if kinds:
-            where.append(f"kind IN ({','.join('?' * len(kinds))})")
+            where.append(f"e.kind IN ({','.join('?' * len(kinds))})")
             args += kinds
-        sql = ("SELECT id, task_id, run_id, kind, payload, created_at FROM events WHERE "
-               + " AND ".join(where) + " ORDER BY id")
+        join = ""
+        if assignee is not None or tenant is not None:
+            join = " JOIN tasks t ON t.id = e.task_id"
+            if assignee is not None:
+                where.append("t.assignee = ?")
+                args.append(assignee)
+            if tenant is not None:
+                where.append("t.tenant = ?")
+                args.append(tenant)
+        sql = ("SELECT e.id, e.task_id, e.run_id, e.kind, e.payload, e.created_at FROM events e"
+               + join + " WHERE " + " AND ".join(where) + " ORDER BY e.id")
         if limit:
             sql += f" LIMIT {int(limit)}"
         return [_event(r) for r in self._db.execute(sql, args)]
@@ -448,6 +461,82 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE runs SET exit_code = ?, signal = ? WHERE id = ?",
                        (exit_code, signal, run_id))
+
+    # -- notify subscriptions (SPEC §9) ---------------------------------------
+    def notify_subscribe(self, task_id: str, platform: str, chat_id: str | None,
+                         thread_id: str | None, user_id: str | None, now: float) -> dict[str, Any]:
+        """A subscription starts at the event head: no replay of old events."""
+        with self._tx() as db:
+            self._task_row(task_id)
+            dup = db.execute(
+                "SELECT id FROM notify_subs WHERE task_id=? AND platform=? AND chat_id IS ?"
+                " AND thread_id IS ? AND user_id IS ?",
+                (task_id, platform, chat_id, thread_id, user_id)).fetchone()
+            if dup:
+                return self.notify_get(dup[0])
+            cur = db.execute(
+                "INSERT INTO notify_subs(task_id, platform, chat_id, thread_id, user_id,"
+                " created_at, last_event_id) VALUES (?,?,?,?,?,?,?)",
+                (task_id, platform, chat_id, thread_id, user_id, now, self.event_head()))
+            return self.notify_get(cur.lastrowid)
+
+    def notify_get(self, sub_id: int) -> dict[str, Any]:
+        row = self._db.execute("SELECT * FROM notify_subs WHERE id = ?", (sub_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no notify subscription {sub_id}")
+        return dict(row)
+
+    def notify_list(self, task_id: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM notify_subs", ()
+        if task_id is not None:
+            sql, args = sql + " WHERE task_id = ?", (task_id,)
+        return [dict(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+
+    def notify_unsubscribe(self, task_id: str, platform: str | None, chat_id: str | None,
+                           thread_id: str | None, user_id: str | None) -> int:
+        where, args = ["task_id = ?"], [task_id]
+        for col, val in (("platform", platform), ("chat_id", chat_id),
+                         ("thread_id", thread_id), ("user_id", user_id)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        with self._tx() as db:
+            return db.execute("DELETE FROM notify_subs WHERE " + " AND ".join(where),
+                              args).rowcount
+
+    def notify_advance(self, sub_id: int, event_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE notify_subs SET last_event_id = ? WHERE id = ?"
+                       " AND last_event_id < ?", (event_id, sub_id, event_id))
+
+    def notify_end(self, sub_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM notify_subs WHERE id = ?", (sub_id,))
+
+    def gc_events(self, before: float) -> int:
+        """Delete events older than `before` of tasks that are done or archived."""
+        with self._tx() as db:
+            return db.execute(
+                "DELETE FROM events WHERE created_at < ? AND task_id IN"
+                " (SELECT id FROM tasks WHERE status IN ('done', 'archived'))",
+                (before,)).rowcount
+
+    def event_bytes(self) -> int:
+        return self._db.execute(
+            "SELECT coalesce(sum(length(payload) + length(kind) + 48), 0) FROM events"
+        ).fetchone()[0]
+
+    def ended_run_ids(self, ended_before: float) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT id FROM runs WHERE outcome IS NOT NULL AND ended_at < ?", (ended_before,))]
+
+    def task_statuses(self, ids: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            out.update({r[0]: r[1] for r in self._db.execute(
+                f"SELECT id, status FROM tasks WHERE id IN ({','.join('?' * len(chunk))})", chunk)})
+        return out
 
     def adopt(self, run_id: str, pid: int, now: float) -> None:
         with self._tx():

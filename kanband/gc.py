@@ -1,0 +1,99 @@
+"""Garbage collection (SPEC §9): bounded disk use, never outside its roots.
+
+- scratch workspaces and git worktrees of archived tasks;
+- events older than N days of done/archived tasks;
+- task log files older than N days (not of running tasks), and run
+  directories of runs that ended more than N days ago.
+
+Every path is resolved (symlinks followed) and must lie inside its root
+(`<home>/workspaces`, `<repo>/.worktrees`, `<logs>`, `<home>/runs`);
+anything else is refused and counted, never deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from kanband import states, workspace
+from kanband.paths import DaemonPaths
+from kanband.store import Store
+
+DAY = 86400.0
+
+
+def inside(path: Path, root: Path) -> bool:
+    """True if `path`, with every symlink resolved, lies strictly inside `root`."""
+    try:
+        real, base = path.resolve(strict=True), root.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return real != base and base in real.parents
+
+
+def _remove_tree(path: Path, root: Path, report: dict[str, Any], key: str) -> None:
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not inside(path, root):
+        report["refused"].append(str(path))
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    report[key] += 1
+
+
+def collect(store: Store, paths: DaemonPaths, event_days: float, log_days: float,
+            now: float | None = None) -> dict[str, Any]:
+    now = now if now is not None else time.time()
+    report: dict[str, Any] = {"workspaces": 0, "worktrees": 0, "events": 0, "logs": 0,
+                              "run_dirs": 0, "refused": [], "errors": []}
+    for task in store.list_tasks(statuses=[states.ARCHIVED]):
+        target = workspace.path_for(task, paths.workspaces)
+        if task["workspace_kind"] == "scratch":
+            _remove_tree(target, paths.workspaces, report, "workspaces")
+        elif task["workspace_kind"] == "worktree" and (target.exists() or target.is_symlink()):
+            repo = Path(task["workspace_path"])
+            root = repo / ".worktrees"
+            if target.is_symlink() or not inside(target, root):
+                report["refused"].append(str(target))
+                continue
+            proc = subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force",
+                                   str(target)], capture_output=True, text=True, timeout=120,
+                                  stdin=subprocess.DEVNULL)
+            if proc.returncode == 0:
+                report["worktrees"] += 1
+            else:
+                report["errors"].append(f"{target}: {proc.stderr.strip()[:300]}")
+    report["events"] = store.gc_events(now - event_days * DAY)
+    cutoff = now - log_days * DAY
+    if paths.logs.is_dir():
+        logs = [p for p in paths.logs.iterdir() if p.suffix == ".log"]
+        statuses = store.task_statuses([p.stem for p in logs if p.stem.startswith("t_")])
+        for p in logs:
+            try:
+                if p.is_symlink() or not inside(p, paths.logs):
+                    report["refused"].append(str(p))
+                    continue
+                if statuses.get(p.stem) == states.RUNNING or p.stat().st_mtime >= cutoff:
+                    continue
+                p.unlink()
+                report["logs"] += 1
+            except OSError as e:
+                report["errors"].append(f"{p}: {e.strerror}")
+    for run_id in store.ended_run_ids(cutoff):
+        _remove_tree(paths.runs / run_id, paths.runs, report, "run_dirs")
+    return report
+
+
+def disk_usage(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
