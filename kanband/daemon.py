@@ -31,10 +31,12 @@ from kanband.store import Store
 from kanband.notify import Notifier
 from kanband.streams import EventBus
 from kanband.supervisor import Supervisor
+from kanband.systemd import Notify, listen_socket
 
 log = structlog.get_logger("kanband")
 
 SWEEP_SECONDS = 2.0  # safety sweep: leases, timers, dispatch
+HEALTH_SECONDS = 60.0  # a periodic `health` log line with counts
 
 
 class StartupError(Exception):
@@ -95,6 +97,9 @@ class Daemon:
         self._lease_timer: asyncio.TimerHandle | None = None
         self._owns_socket = False
         self.config_arg: str | None = None
+        self.notify = Notify()  # before anything touches the environment
+        self.ready_pipe: int | None = None  # --detach: tell the parent we are ready
+        self._status_pending = False
 
     # -- start-up ------------------------------------------------------------
     def prepare(self) -> None:
@@ -117,9 +122,14 @@ class Daemon:
         self.board.wake = self.supervisor.wake  # type: ignore[method-assign]
         self.board.dispatch_info = self.supervisor.info  # type: ignore[method-assign]
         self.board.reload_hook = self.reload  # type: ignore[method-assign]
-        self.sock = bind_socket(self.paths.socket, self.config.socket_mode,
-                                self.config.socket_group)
-        self._owns_socket = True
+        inherited = listen_socket()
+        if inherited is not None:  # socket activation: systemd owns the path
+            self.sock = inherited
+            log.info("socket_inherited", fd=inherited.fileno())
+        else:
+            self.sock = bind_socket(self.paths.socket, self.config.socket_mode,
+                                    self.config.socket_group)
+            self._owns_socket = True
         self.pidfile.write()
 
     async def serve(self) -> None:
@@ -138,14 +148,21 @@ class Daemon:
         self.notifier.start()
         await self.rpc.start(self.sock)
         self.expire_leases()
-        sweeper = asyncio.ensure_future(self._sweep())
+        background = [asyncio.ensure_future(self._sweep()), asyncio.ensure_future(self._health())]
+        if self.notify.watchdog_interval:
+            background.append(asyncio.ensure_future(self._watchdog(self.notify.watchdog_interval)))
+        self.store.on_commit(lambda _events: self.schedule_status())
         log.info("ready", pid=os.getpid(), socket=str(self.paths.socket),
                  db=str(self.paths.db), version=__version__, subreaper=self.supervisor.reaper.subreaper,
                  **adoption)
+        self.notify.ready(self.status_line())
+        self._tell_parent("ready")
         self.supervisor.wake()
         await self.stop_event.wait()
+        self.notify.stopping()
         log.info("stopping", on_stop=self.config.on_stop, workers=len(self.supervisor.workers))
-        sweeper.cancel()
+        for t in background:
+            t.cancel()
         if self._lease_timer:
             self._lease_timer.cancel()
         await self.rpc.close()
@@ -163,13 +180,60 @@ class Daemon:
         except KanbanError:
             pass  # logged; the old config stays
 
+    # -- systemd: status, watchdog, health -------------------------------------
+    def status_line(self) -> str:
+        assert self.store is not None and self.supervisor is not None
+        c = self.store.counts_by_status()
+        return (f"running={len(self.supervisor.workers)} ready={c.get('ready', 0)} "
+                f"blocked={c.get('blocked', 0)}" + (" (paused)" if self.supervisor.paused else ""))
+
+    def schedule_status(self) -> None:
+        """Keep STATUS= current, at most one update per half second."""
+        if not self.notify.enabled or self._status_pending or self.loop is None:
+            return
+        self._status_pending = True
+
+        def send() -> None:
+            self._status_pending = False
+            if self.store is not None:
+                self.notify.status(self.status_line())
+        self.loop.call_later(0.5, send)
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a wedged loop stops the pings
+        and systemd restarts us."""
+        while True:
+            self.notify.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _health(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_SECONDS)
+            assert self.store is not None and self.supervisor is not None
+            c = self.store.counts_by_status()
+            log.info("health", workers=len(self.supervisor.workers), paused=self.supervisor.paused,
+                     subscribers=len(self.rpc.targets["stream"].subs) if self.rpc else 0,
+                     connections=len(self.rpc.connections) if self.rpc else 0,
+                     **{s: c.get(s, 0) for s in ("ready", "running", "blocked", "todo")})
+
+    def _tell_parent(self, word: str) -> None:
+        if self.ready_pipe is not None:
+            try:
+                os.write(self.ready_pipe, word.encode() + b"\n")
+                os.close(self.ready_pipe)
+            except OSError:
+                pass
+            self.ready_pipe = None
+
     def reload(self) -> dict[str, Any]:
+        self.notify.reloading()
         try:
             # Look again: a config file created since start-up is picked up.
             path = find_config(self.config_arg, self.paths.home)
             new = config_mod.load(path)
         except KanbanError as e:
             log.error("config_reload_failed", error=e.message)
+            self.notify.ready(self.status_line())
             raise
         self.config = new
         if self.board is not None:
@@ -181,6 +245,7 @@ class Daemon:
             self.notifier.config = new
             self.notifier.start()  # a newly configured platform gets its backlog
         log.info("config_reloaded", source=new.source, profiles=sorted(new.profiles))
+        self.notify.ready(self.status_line())
         return {"config": new.source}
 
     # -- leases ----------------------------------------------------------------
@@ -257,7 +322,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = valid, 2 = invalid)")
     p.add_argument("--log-format", choices=("auto", "json", "console", "journal"),
                    help="override daemon.log_format from the config")
+    p.add_argument("--detach", action="store_true",
+                   help="run in the background (for hosts without an init system): return 0 "
+                        "once the daemon is ready, non-zero with the reason if it fails")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="with --detach, where the log goes (default <home>/kanband.log)")
     return p
+
+
+def detach() -> int | None:
+    """Fork: the parent waits for the child's word and returns an exit code;
+    the child (in a new session, stdin on /dev/null) returns None and runs on."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            word = r.read().decode(errors="replace").strip()
+        if word.startswith("ready"):
+            return 0
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        print(f"kanband: failed to start ({word or f'exit status {code}'})", file=sys.stderr)
+        return code or 1
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.environ["KANBAN_READY_FD"] = str(wfd)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,16 +368,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"max_workers={config.max_workers} failure_limit={config.failure_limit} "
               f"on_stop={config.on_stop}")
         return 0
+    if args.detach:
+        code = detach()
+        if code is not None:
+            return code
+        target = args.log_file or str(paths.home / "kanband.log")
+        paths.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     logs.setup(args.log_format or config.log_format)
     daemon = Daemon(paths, config)
     daemon.config_arg = args.config
+    ready_fd = os.environ.pop("KANBAN_READY_FD", None)
+    daemon.ready_pipe = int(ready_fd) if ready_fd and ready_fd.isdigit() else None
     try:
         daemon.prepare()
     except AlreadyRunning as e:
         print(f"kanband: {e}", file=sys.stderr)
+        daemon._tell_parent(str(e))
         return 1
     except (StartupError, OSError) as e:
         print(f"kanband: cannot start: {e}", file=sys.stderr)
+        daemon._tell_parent(f"cannot start: {e}")
         daemon.close()
         return 1
     log.info("started", pid=os.getpid(), version=__version__, home=str(paths.home),

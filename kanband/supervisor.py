@@ -29,6 +29,8 @@ from kanband.store import Store
 log = structlog.get_logger("kanband.supervisor")
 
 EXIT_RATE_LIMITED = 75
+STUCK_PASSES = 6  # passes in a row with dispatchable work and no spawn ...
+STUCK_EVERY = 300.0  # ... before a dispatcher_stuck warning, at most this often
 
 
 class Supervisor:
@@ -45,6 +47,8 @@ class Supervisor:
         self._wake_pending = False
         self._backoff_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stuck_passes = 0
+        self._stuck_warned = 0.0
 
     @property
     def claimer(self) -> str:
@@ -125,7 +129,22 @@ class Supervisor:
             report["waiting"] = self._waiting(now, slots, {e["task_id"] for e in spawned})
         else:
             self._arm_backoff_timer(now)
+            self._check_stuck(now, bool(spawned))
         return report
+
+    def _check_stuck(self, now: float, spawned: bool) -> None:
+        """Warn (at most once per 5 minutes) when dispatchable work -- assigned to
+        a known profile, no backoff, caps not full -- waited through 6 passes in a
+        row with nothing spawned."""
+        slots = self.slots()
+        waiting = [] if spawned or self.paused else [
+            t for t in self.store.dispatch_candidates(slots.open_profiles(), now, 20)
+            if t["id"] not in self.busy_tasks()]
+        self._stuck_passes = 0 if not waiting else self._stuck_passes + 1
+        if self._stuck_passes >= STUCK_PASSES and now - self._stuck_warned >= STUCK_EVERY:
+            self._stuck_warned = now
+            log.warning("dispatcher_stuck", passes=self._stuck_passes,
+                        tasks=[t["id"] for t in waiting[:10]], running=slots.running)
 
     def _end_superseded_lingerers(self) -> None:
         """A worker still in exit_grace whose task is ready again (e.g. unblocked)
