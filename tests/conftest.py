@@ -182,6 +182,7 @@ def kd(kanband_factory: Any) -> Kanband:
 
 # -- helpers added for the board-core suite ------------------------------------------
 import socket as _socket  # noqa: E402
+import threading  # noqa: E402
 
 import msgpack  # noqa: E402
 
@@ -203,13 +204,48 @@ def kinds_of(k: Kanband, task_id: str) -> list[str]:
     return [e["kind"] for e in events_of(k, task_id)]
 
 
-def snapshot(k: Kanband) -> dict[str, Any]:
-    """Every task (archived included) and the event head: equal snapshots = nothing changed."""
+def snapshot(k: Kanband, runs: bool = False) -> dict[str, Any]:
+    """Every task (archived included), with `runs` every task's runs too, and the event
+    head: equal snapshots = nothing changed."""
     tasks = k.call("task.list", archived=True)["tasks"]
     for t in tasks:
         t.pop("waiting_reason", None)  # derived from the clock, not stored
-    return {"tasks": sorted(tasks, key=lambda t: t["id"]),
-            "event_head": k.call("board.stats")["event_head"]}
+    snap: dict[str, Any] = {"tasks": sorted(tasks, key=lambda t: t["id"])}
+    if runs:
+        snap["runs"] = {t["id"]: k.call("task.runs", id=t["id"])["runs"] for t in tasks}
+    snap["event_head"] = k.call("board.stats")["event_head"]
+    return snap
+
+
+def run_concurrently(n: int, fn: Callable[[int], Any], timeout: float = 30.0) -> list[Any]:
+    """Run fn(0) .. fn(n-1) on n threads released together by a barrier; return each
+    call's result, or the KanbanError it raised, in order."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except KanbanError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results
+
+
+def ctl_concurrently(k: Kanband, argvs: list[list[str]],
+                     timeout: float = 60.0) -> list[tuple[int, str, str]]:
+    """Start one `kanbanctl ARGV` process per argv at once; return (exit code, stdout,
+    stderr) of each, in order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "kanbanctl", *argv], env=k.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in argvs]
+    return [(p.wait(timeout), *p.communicate()) for p in procs]
 
 
 class RawConn:
@@ -227,6 +263,17 @@ class RawConn:
 
     def send_bytes(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def send_in_background(self, data: bytes) -> threading.Thread:
+        """Send `data` from a started daemon thread (the daemon may close mid-stream)."""
+        def push() -> None:
+            try:
+                self.send_bytes(data)
+            except OSError:
+                pass  # the daemon may close mid-stream
+        t = threading.Thread(target=push, daemon=True)
+        t.start()
+        return t
 
     def request(self, msgid: int, method: str, params: Any = None) -> None:
         self.send([0, msgid, method, [params if params is not None else {}]])

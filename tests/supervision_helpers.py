@@ -19,9 +19,8 @@ import pytest
 from conftest import WORKER, Kanband, wait_for
 
 __all__ = ["PY", "WORKER", "toml", "wcmd", "alive", "gone", "read_pid", "runs_of",
-           "events_of_task", "kinds", "last_run", "daemon_pid", "zombies_under",
-           "children_under", "live_workers", "EnvKanband", "kill_leftovers", "wdir",
-           "board_snapshot", "wait_run", "wait_file_pid"]
+           "last_run", "daemon_pid", "zombies_under", "children_under", "live_workers",
+           "EnvKanband", "kill_leftovers", "wdir", "wait_run"]
 
 PY = sys.executable
 
@@ -73,9 +72,6 @@ def read_pid(path: Path, timeout: float = 15.0) -> int:
         except (OSError, ValueError):
             return None
     return wait_for(get, timeout, f"pid file {path}")
-
-
-wait_file_pid = read_pid
 
 
 def daemon_pid(k: Kanband) -> int:
@@ -194,24 +190,6 @@ def wait_run(k: Kanband, task_id: str, outcome: str | None = None, count: int = 
         r = runs[count - 1]
         return r if outcome is None or r["outcome"] == outcome else None
     return wait_for(check, timeout, f"run #{count} of {task_id} to end {outcome or ''}")
-
-
-def events_of_task(k: Kanband, task_id: str) -> list[dict[str, Any]]:
-    return k.call("task.show", id=task_id)["events"]
-
-
-def kinds(k: Kanband, task_id: str) -> list[str]:
-    return [e["kind"] for e in events_of_task(k, task_id)]
-
-
-def board_snapshot(k: Kanband) -> dict[str, Any]:
-    """All tasks, all runs and the event head: equal snapshots = nothing changed."""
-    tasks = k.call("task.list", archived=True)["tasks"]
-    for t in tasks:
-        t.pop("waiting_reason", None)  # derived from the clock
-    runs = {t["id"]: k.call("task.runs", id=t["id"])["runs"] for t in tasks}
-    return {"tasks": sorted(tasks, key=lambda t: t["id"]), "runs": runs,
-            "event_head": k.call("board.stats")["event_head"]}
 
 
 class EnvKanband(Kanband):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
 
 import msgpack
 import pytest
@@ -17,17 +16,6 @@ from conftest import RawConn, rpc_error, snapshot, wait_for
 
 MIB = 1024 * 1024
 KIB = 1024
-
-
-def _send_in_background(conn: RawConn, data: bytes) -> threading.Thread:
-    def push():
-        try:
-            conn.send_bytes(data)
-        except OSError:
-            pass  # the daemon may close mid-stream
-    t = threading.Thread(target=push, daemon=True)
-    t.start()
-    return t
 
 
 # kanband/rpc.py, Connection.run: the cap relies on msgpack.BufferFull, but the
@@ -41,7 +29,7 @@ def test_a_frame_over_the_cap_is_too_large_even_when_made_of_small_items(shared_
     frame = msgpack.packb([0, 1, "task.list", [{"pad": ["p" * 100] * (110 * 1024)}]])
     assert len(frame) > 10 * MIB
     with RawConn(kd.socket, timeout=30) as c:
-        t = _send_in_background(c, frame)
+        t = c.send_in_background(frame)
         first = c.read_or_eof()
         assert first is not None and first[:2] == [2, "error"], \
             f"expected a too_large notification, got {str(first)[:300]}"

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
-from conftest import events_of, kinds_of, rpc_error, snapshot, wait_for
+from conftest import (ctl_concurrently, events_of, kinds_of, rpc_error, run_concurrently,
+                      snapshot, wait_for)
 from kanband.errors import KanbanError
 
 
@@ -22,21 +20,8 @@ def test_eight_concurrent_claimers_exactly_one_wins(shared_kd):
     kd = shared_kd
     tid = kd.create("contended")["id"]
     clients = [kd.client() for _ in range(8)]
-    barrier = threading.Barrier(8)
-    results: list = [None] * 8
-
-    def claim(i):
-        barrier.wait()
-        try:
-            results[i] = clients[i].call("task.claim", {"id": tid, "claimer": f"w{i}"})
-        except KanbanError as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = run_concurrently(
+        8, lambda i: clients[i].call("task.claim", {"id": tid, "claimer": f"w{i}"}))
     for c in clients:
         c.close()
     wins = [r for r in results if isinstance(r, dict)]
@@ -53,10 +38,7 @@ def test_eight_concurrent_kanbanctl_claims_exactly_one_wins(shared_kd):
     """Eight `kanbanctl claim` processes at once: exactly one exits 0 with a token, the others exit 1."""
     kd = shared_kd
     tid = kd.create("contended")["id"]
-    procs = [subprocess.Popen([sys.executable, "-m", "kanbanctl", "claim", tid, "--json"],
-                              env=kd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(8)]
-    outs = [(p.wait(60), *p.communicate()) for p in procs]
+    outs = ctl_concurrently(kd, [["claim", tid, "--json"]] * 8)
     winners = [o for o in outs if o[0] == 0]
     assert len(winners) == 1, outs
     assert sorted(o[0] for o in outs) == [0] + [1] * 7, outs

@@ -4,12 +4,8 @@ reusable once the task holding the key is archived."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import threading
 
-from conftest import kinds_of
-from kanband.errors import KanbanError
+from conftest import ctl_concurrently, kinds_of, run_concurrently
 
 
 def live_tasks(kd):
@@ -19,22 +15,9 @@ def live_tasks(kd):
 def test_eight_concurrent_creators_make_one_task(kd):
     """Eight clients creating with the same key at the same moment get one task, created once."""
     clients = [kd.client() for _ in range(8)]
-    barrier = threading.Barrier(8)
-    results: list = [None] * 8
-
-    def create(i):
-        barrier.wait()
-        try:
-            results[i] = clients[i].call("task.create", {"title": f"job {i}",
-                                                         "idempotency_key": "K1"})
-        except KanbanError as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = run_concurrently(
+        8, lambda i: clients[i].call("task.create", {"title": f"job {i}",
+                                                     "idempotency_key": "K1"}))
     for c in clients:
         c.close()
     assert all(isinstance(r, dict) for r in results), results
@@ -49,11 +32,8 @@ def test_eight_concurrent_creators_make_one_task(kd):
 
 def test_eight_concurrent_kanbanctl_creators_make_one_task(kd):
     """Eight `kanbanctl create --idempotency-key` processes at once: one task, exactly one says created."""
-    procs = [subprocess.Popen([sys.executable, "-m", "kanbanctl", "create", f"job {i}",
-                               "--idempotency-key", "K2", "--json"], env=kd.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(8)]
-    outs = [(p.wait(60), *p.communicate()) for p in procs]
+    outs = ctl_concurrently(kd, [["create", f"job {i}", "--idempotency-key", "K2", "--json"]
+                                 for i in range(8)])
     assert all(o[0] == 0 for o in outs), outs
     docs = [json.loads(o[1]) for o in outs]
     assert len({d["id"] for d in docs}) == 1

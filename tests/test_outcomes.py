@@ -16,11 +16,11 @@ from typing import Any
 import psutil
 import pytest
 
-from conftest import wait_for
+from conftest import events_of, kinds_of, wait_for
 from supervision_helpers import *  # noqa: F401,F403  (also activates kill_leftovers)
-from supervision_helpers import (alive, events_of_task, gone, kinds, live_workers,
-                                 read_pid, runs_of, toml, wait_run, wcmd, wdir,
-                                 zombies_under, children_under, daemon_pid)
+from supervision_helpers import (alive, gone, live_workers, read_pid, runs_of, toml,
+                                 wait_run, wcmd, wdir, zombies_under, children_under,
+                                 daemon_pid)
 
 BASE = {"kill_grace": 0.5, "retry_backoff": 60, "failure_limit": 3, "exit_grace": 1}
 
@@ -30,8 +30,8 @@ def daemon_cfg(**over: Any) -> dict[str, Any]:
 
 
 def event(k, tid: str, kind: str) -> dict[str, Any]:
-    evs = [e for e in events_of_task(k, tid) if e["kind"] == kind]
-    assert evs, f"no {kind} event for {tid}: {kinds(k, tid)}"
+    evs = [e for e in events_of(k, tid) if e["kind"] == kind]
+    assert evs, f"no {kind} event for {tid}: {kinds_of(k, tid)}"
     return evs[-1]
 
 
@@ -57,7 +57,7 @@ def test_crash_retries_with_doubling_backoff_then_gives_up(kanband_factory):
     gave_up = event(k, tid, "gave_up")["payload"]
     assert gave_up["failures"] == 3 and gave_up["last_outcome"] == "crashed"
     assert "exit status 3" in gave_up["error"]
-    crashed = [e for e in events_of_task(k, tid) if e["kind"] == "crashed"]
+    crashed = [e for e in events_of(k, tid) if e["kind"] == "crashed"]
     assert len(crashed) == 3 and all(e["payload"]["exit_code"] == 3 for e in crashed)
     log = k.call("task.log", id=tid)["text"]  # every attempt appends to the task log
     assert all(f"boom in {r['id']}" in log for r in runs)
@@ -102,7 +102,7 @@ def test_exit_zero_without_complete_is_no_result(kanband_factory):
     assert "all fine, honest" in run["error"]
     task = k.wait_status(tid, "ready")
     assert task["consecutive_failures"] == 1 and task["not_before"] is not None
-    assert "no_result" in kinds(k, tid)
+    assert "no_result" in kinds_of(k, tid)
 
 
 def test_exit_75_is_rate_limited_not_a_failure(kanband_factory):
@@ -119,7 +119,7 @@ def test_exit_75_is_rate_limited_not_a_failure(kanband_factory):
     assert "cooldown" in task["waiting_reason"]
     assert event(k, tid, "rate_limited")["payload"]["retry_at"] == pytest.approx(
         task["not_before"], abs=0.01)
-    assert "gave_up" not in kinds(k, tid)
+    assert "gave_up" not in kinds_of(k, tid)
     assert k.call("board.dispatch")["spawned"] == []
 
 
@@ -229,7 +229,7 @@ def test_reclaim_kills_a_setsid_grandchild_before_returning(kanband_factory, hom
     task = k.task(tid)
     assert task["status"] == "ready" and task["consecutive_failures"] == 0
     assert task["not_before"] is None
-    assert "reclaimed" in kinds(k, tid)
+    assert "reclaimed" in kinds_of(k, tid)
 
 
 def test_worker_exit_leaves_no_descendant_behind(kanband_factory, home):
@@ -281,7 +281,7 @@ def test_heartbeat_timeout_kills_a_wedged_worker(kanband_factory, home):
     run = runs_of(k, tid)[0]
     assert run["outcome"] == "stale"
     assert "heartbeat" in run["error"]
-    ks = kinds(k, tid)
+    ks = kinds_of(k, tid)
     assert "heartbeat" in ks and ks.index("heartbeat") < ks.index("stale")
     assert event(k, tid, "gave_up")["payload"]["last_outcome"] == "stale"
 
@@ -303,7 +303,7 @@ def test_archive_of_running_task_kills_it_before_returning(kanband_factory, home
     assert [r["outcome"] for r in runs] == ["reclaimed"]
     assert k.call("board.dispatch")["spawned"] == []
     assert len(runs_of(k, tid)) == 1
-    ks = kinds(k, tid)
+    ks = kinds_of(k, tid)
     assert ks.index("reclaimed") < ks.index("archived")
 
 
@@ -454,5 +454,5 @@ def test_block_then_nonzero_exit_stays_blocked_without_a_failure(kanband_factory
     assert run["outcome"] == "blocked" and run["exit_code"] == 2
     assert run["summary"] == "waiting on credentials"
     assert task["consecutive_failures"] == 0
-    assert "crashed" not in kinds(k, tid) and "gave_up" not in kinds(k, tid)
+    assert "crashed" not in kinds_of(k, tid) and "gave_up" not in kinds_of(k, tid)
     assert len(runs_of(k, tid)) == 1

@@ -13,11 +13,10 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-from conftest import wait_for
+from conftest import events_of, kinds_of, wait_for
 from supervision_helpers import *  # noqa: F401,F403  (also activates kill_leftovers)
-from supervision_helpers import (alive, events_of_task, gone, kinds, live_workers,
-                                 read_pid, runs_of, toml, wait_run, wcmd,
-                                 zombies_under, daemon_pid)
+from supervision_helpers import (alive, gone, live_workers, read_pid, runs_of, toml,
+                                 wait_run, wcmd, zombies_under, daemon_pid)
 
 BASE = {"kill_grace": 0.5, "retry_backoff": 60, "failure_limit": 3, "exit_grace": 2}
 
@@ -26,8 +25,22 @@ def ws_file(k, tid: str, name: str) -> Path:
     return Path(k.task(tid)["workspace_path"]) / name
 
 
+def worker_pids(k, tid: str) -> tuple[int, int]:
+    """The worker's own pid (from the pid file it writes in its workspace) and its shim's."""
+    return read_pid(ws_file(k, tid, "pid")), k.task(tid)["worker_pid"]
+
+
+def kill_tree_while_down(k, pid: int, shim: int) -> None:
+    """Pause dispatch (nothing respawns after the restart), kill -9 kanband, then SIGKILL
+    the worker's whole tree (the shim leads its process group) and wait until it is gone."""
+    k.call("daemon.pause")
+    k.kill9()
+    os.killpg(shim, signal.SIGKILL)
+    wait_for(lambda: gone(pid) and gone(shim), 10, "the worker tree to die")
+
+
 def adopted_pids(k, tid: str) -> list[int]:
-    return [e["payload"]["pid"] for e in events_of_task(k, tid) if e["kind"] == "adopted"]
+    return [e["payload"]["pid"] for e in events_of(k, tid) if e["kind"] == "adopted"]
 
 
 def test_kill9_restart_adopts_running_workers_which_finish_honestly(kanband_factory):
@@ -70,15 +83,14 @@ def test_adopted_worker_is_still_capped(kanband_factory):
         "command": wcmd("--ignore-sigterm", "--write-pid", "{workspace}/pid", "--sleep", "inf"),
         "max_runtime": 4}))
     tid = k.create("capped across restart", assignee="slow")["id"]
-    pid = read_pid(ws_file(k, tid, "pid"))
-    shim = k.task(tid)["worker_pid"]
+    pid, shim = worker_pids(k, tid)
     k.kill9()
     k.start()
     assert adopted_pids(k, tid) == [shim]
     k.wait_status(tid, "blocked", timeout=20)
     assert gone(pid) and gone(shim), "adopted worker survived its runtime cap"
     assert runs_of(k, tid)[0]["outcome"] == "timed_out"
-    ev = [e for e in events_of_task(k, tid) if e["kind"] == "timed_out"][0]["payload"]
+    ev = [e for e in events_of(k, tid) if e["kind"] == "timed_out"][0]["payload"]
     assert ev["sigkill"] is True and ev["elapsed_seconds"] >= 4
 
 
@@ -109,8 +121,7 @@ def test_adopted_worker_is_reclaimable(kanband_factory):
     k = kanband_factory(toml(BASE, slow={
         "command": wcmd("--write-pid", "{workspace}/pid", "--sleep", "inf")}))
     tid = k.create("reclaim adopted", assignee="slow")["id"]
-    pid = read_pid(ws_file(k, tid, "pid"))
-    shim = k.task(tid)["worker_pid"]
+    pid, shim = worker_pids(k, tid)
     k.call("daemon.pause")
     k.kill9()
     k.start()
@@ -128,8 +139,7 @@ def test_worker_that_exited_while_kanband_was_down_keeps_its_exit_status(kanband
         "command": wcmd("--write-pid", "{workspace}/pid", "--wait-file", "{workspace}/go",
                         "--print", "bye from the dark", "--exit", 3)}))
     tid = k.create("exits while down", assignee="fake")["id"]
-    pid = read_pid(ws_file(k, tid, "pid"))
-    shim = k.task(tid)["worker_pid"]
+    pid, shim = worker_pids(k, tid)
     k.call("daemon.pause")  # nothing respawns after restart
     k.kill9()
     go = k.home / "workspaces" / tid / "go"
@@ -142,7 +152,7 @@ def test_worker_that_exited_while_kanband_was_down_keeps_its_exit_status(kanband
     assert "exit status 3" in run["error"] and "bye from the dark" in run["error"]
     task = k.task(tid)
     assert task["status"] == "ready" and task["consecutive_failures"] == 1
-    assert "lost" not in kinds(k, tid)
+    assert "lost" not in kinds_of(k, tid)
 
 
 def test_shell_task_that_finished_while_kanband_was_down_is_done(kanband_factory):
@@ -153,8 +163,7 @@ def test_shell_task_that_finished_while_kanband_was_down_is_done(kanband_factory
                         "--print", "final answer", "--exit", 0),
         "complete_on_exit": True}))
     tid = k.create("finishes while down", assignee="auto")["id"]
-    pid = read_pid(ws_file(k, tid, "pid"))
-    shim = k.task(tid)["worker_pid"]
+    pid, shim = worker_pids(k, tid)
     k.kill9()
     (k.home / "workspaces" / tid / "go").touch()
     wait_for(lambda: gone(pid) and gone(shim), 10, "the worker to exit while kanband is down")
@@ -170,19 +179,15 @@ def test_worker_killed_while_kanband_was_down_ends_lost(kanband_factory):
     k = kanband_factory(toml(BASE, fake={
         "command": wcmd("--write-pid", "{workspace}/pid", "--sleep", "inf")}))
     tid = k.create("killed while down", assignee="fake")["id"]
-    pid = read_pid(ws_file(k, tid, "pid"))
-    shim = k.task(tid)["worker_pid"]
-    k.call("daemon.pause")
-    k.kill9()
-    os.killpg(shim, signal.SIGKILL)  # the shim leads the worker's process group
-    wait_for(lambda: gone(pid) and gone(shim), 10, "the worker tree to die")
+    pid, shim = worker_pids(k, tid)
+    kill_tree_while_down(k, pid, shim)
     k.start()
     run = runs_of(k, tid)[0]
     assert run["outcome"] == "lost"
     task = k.task(tid)
     assert task["status"] == "ready" and task["consecutive_failures"] == 0
     assert task["not_before"] is None
-    assert "lost" in kinds(k, tid) and "adopted" not in kinds(k, tid)
+    assert "lost" in kinds_of(k, tid) and "adopted" not in kinds_of(k, tid)
 
 
 def test_pid_reuse_is_not_adopted_nor_killed(kanband_factory):
@@ -191,13 +196,9 @@ def test_pid_reuse_is_not_adopted_nor_killed(kanband_factory):
     k = kanband_factory(toml(BASE, fake={
         "command": wcmd("--write-pid", "{workspace}/pid", "--sleep", "inf")}))
     tid = k.create("pid reuse", assignee="fake")["id"]
-    pid = read_pid(ws_file(k, tid, "pid"))
-    shim = k.task(tid)["worker_pid"]
+    pid, shim = worker_pids(k, tid)
     run_id = k.task(tid)["current_run_id"]
-    k.call("daemon.pause")
-    k.kill9()
-    os.killpg(shim, signal.SIGKILL)
-    wait_for(lambda: gone(pid) and gone(shim), 10, "the worker tree to die")
+    kill_tree_while_down(k, pid, shim)
     # an unrelated process, leading its own group, takes over the recorded pid
     stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
@@ -208,7 +209,7 @@ def test_pid_reuse_is_not_adopted_nor_killed(kanband_factory):
         k.start()
         run = runs_of(k, tid)[0]
         assert run["outcome"] == "lost"
-        assert "adopted" not in kinds(k, tid)
+        assert "adopted" not in kinds_of(k, tid)
         assert alive(stranger.pid), "kanband signalled a process that is not its worker"
         assert stranger.poll() is None
     finally:
@@ -261,7 +262,7 @@ def test_on_stop_terminate_kills_workers_and_runs_end_interrupted(kanband_factor
         assert run["outcome"] == "interrupted"
         task = k.task(t)
         assert task["status"] == "ready" and task["consecutive_failures"] == 0
-        assert "interrupted" in kinds(k, t)
+        assert "interrupted" in kinds_of(k, t)
 
 
 def test_on_stop_keep_leaves_workers_and_restart_adopts_them(kanband_factory):
@@ -271,8 +272,7 @@ def test_on_stop_keep_leaves_workers_and_restart_adopts_them(kanband_factory):
         "command": wcmd("--write-pid", "{workspace}/pid", "--wait-file", "{workspace}/go",
                         "--complete")}))
     tid = k.create("kept", assignee="fake")["id"]
-    pid = read_pid(ws_file(k, tid, "pid"))
-    shim = k.task(tid)["worker_pid"]
+    pid, shim = worker_pids(k, tid)
     assert k.stop() == 0
     assert alive(pid) and alive(shim), "on_stop=keep must leave the worker running"
     k.start()

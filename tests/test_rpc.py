@@ -4,8 +4,6 @@ answered and closed while the daemon keeps serving everyone else."""
 
 from __future__ import annotations
 
-import threading
-
 import msgpack
 import pytest
 
@@ -255,24 +253,13 @@ def test_non_request_object_is_closed(shared_kd, obj):
     ping_ok(shared_kd)
 
 
-def _send_in_background(conn: RawConn, data: bytes) -> threading.Thread:
-    def push():
-        try:
-            conn.send_bytes(data)
-        except OSError:
-            pass  # the daemon closes mid-stream: expected
-    t = threading.Thread(target=push, daemon=True)
-    t.start()
-    return t
-
-
 def test_oversized_frame_is_too_large_then_closed(shared_kd):
     """A single 9 MiB string frame gets a `too_large` error notification and a close; the daemon keeps serving."""
     kd = shared_kd
     with RawConn(kd.socket, timeout=30) as other:
         frame = msgpack.packb([0, 1, "task.create", [{"title": "x", "body": "b" * (9 * MIB)}]])
         with RawConn(kd.socket, timeout=30) as big:
-            t = _send_in_background(big, frame)
+            t = big.send_in_background(frame)
             assert_error_notification_then_closed(big, "too_large")
             t.join(30)
         other.request(3, "system.ping")

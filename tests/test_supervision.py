@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import wait_for
+from conftest import events_of, kinds_of, snapshot, wait_for
 from supervision_helpers import *  # noqa: F401,F403  (also activates kill_leftovers)
-from supervision_helpers import (EnvKanband, board_snapshot, daemon_pid, events_of_task,
-                                 kinds, live_workers, runs_of, toml, wcmd, wdir,
-                                 zombies_under)
+from supervision_helpers import (EnvKanband, daemon_pid, live_workers, runs_of, toml, wcmd,
+                                 wdir, zombies_under)
 
 BASE = {"kill_grace": 0.5, "retry_backoff": 60, "failure_limit": 3, "exit_grace": 2}
 
@@ -37,7 +36,7 @@ def test_shell_task_runs_to_done_with_last_output_line_as_result(kd):
     assert run["profile"] == "shell" and run["claimer"].startswith("kanband@")
     log = kd.call("task.log", id=tid)["text"]
     assert "first line" in log and task["workspace_path"] in log  # ran in its workspace
-    assert kinds(kd, tid)[:4] == ["created", "claimed", "spawned", "completed"]
+    assert kinds_of(kd, tid)[:4] == ["created", "claimed", "spawned", "completed"]
 
 
 def test_shell_task_from_the_cli_and_wait(kd):
@@ -96,7 +95,7 @@ def test_dispatch_failure_limit_applies_to_the_runs_it_spawns(kanband_factory):
     assert [e["task_id"] for e in r["spawned"]] == [tid]
     task = k.wait_status(tid, "blocked")
     assert task["consecutive_failures"] == 1
-    assert "gave_up" in kinds(k, tid)
+    assert "gave_up" in kinds_of(k, tid)
 
 
 def test_context_file_lists_prior_attempts(kanband_factory, home):
@@ -132,7 +131,7 @@ def test_chain_runs_in_dependency_order(kd):
     assert rb[0]["ended_at"] <= rc[0]["started_at"]
 
     def ev(tid: str, kind: str) -> int:
-        return [e["id"] for e in events_of_task(kd, tid) if e["kind"] == kind][0]
+        return [e["id"] for e in events_of(kd, tid) if e["kind"] == kind][0]
     assert ev(a, "completed") < ev(b, "promoted") < ev(b, "claimed") < ev(b, "completed")
     assert ev(b, "completed") < ev(c, "promoted") < ev(c, "claimed")
     assert [kd.task(x)["result"] for x in (a, b, c)] == ["A-done", "B-done", "C-done"]
@@ -243,7 +242,7 @@ def test_dispatch_dry_run_changes_nothing_and_explains(kanband_factory, home):
     ext = k.create("external", assignee="alice")["id"]
     child = k.create("child", assignee="shell", body="echo c", parents=[first])["id"]
     unassigned = k.create("nobody")["id"]
-    before = board_snapshot(k)
+    before = snapshot(k, runs=True)
     r = k.ctl_json("dispatch", "--dry-run")
     assert r["dry_run"] is True and r["spawned"] == []
     assert [(e["task_id"], e["profile"]) for e in r["would_spawn"]] == [(first, "gate")]
@@ -255,20 +254,20 @@ def test_dispatch_dry_run_changes_nothing_and_explains(kanband_factory, home):
     assert "assignee" in why[unassigned]
     text = k.ctl("dispatch", "--dry-run")
     assert text.returncode == 0 and first in text.stdout and ext in text.stdout
-    assert board_snapshot(k) == before
+    assert snapshot(k, runs=True) == before
     assert not (k.home / "logs" / f"{first}.log").exists()
     assert k.call("daemon.status")["running_workers"] == 0
     assert live_workers(k) == []
 
     k.call("daemon.resume")  # `first` takes the only slot and holds it
     k.wait_status(first, "running")
-    before = board_snapshot(k)
+    before = snapshot(k, runs=True)
     r = k.ctl_json("dispatch", "--dry-run")
     assert r["would_spawn"] == []
     why = {x["task_id"]: x["reason"] for x in r["waiting"]}
     assert "max_workers" in why[second]
     assert "max_workers" in k.task(second)["waiting_reason"]
-    assert board_snapshot(k) == before
+    assert snapshot(k, runs=True) == before
     (w / "go").touch()
     k.wait_status(second, "done")
 
@@ -444,7 +443,7 @@ def test_heartbeats_keep_a_worker_alive_past_heartbeat_timeout(kanband_factory):
     run = runs_of(k, tid)[0]
     assert run["outcome"] == "completed"
     assert run["ended_at"] - run["started_at"] > 3, "the run must outlast heartbeat_timeout"
-    assert kinds(k, tid).count("heartbeat") == 4 and "stale" not in kinds(k, tid)
+    assert kinds_of(k, tid).count("heartbeat") == 4 and "stale" not in kinds_of(k, tid)
 
 
 # -- the worker's side: environment, context, token --------------------------------------
