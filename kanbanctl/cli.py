@@ -450,7 +450,7 @@ def cmd_status(ctx: Ctx) -> int:
     for k in ("home", "db", "socket", "pidfile", "logs"):
         print(f"  {k:<8} {r['paths'][k]}")
     print(f"  config   {r['config'] or '(defaults)'}")
-    print("  tasks    " + " ".join(f"{s}={n}" for s, n in sorted(r["counts"].items())) or "none")
+    print("  tasks    " + (" ".join(f"{s}={n}" for s, n in sorted(r["counts"].items())) or "none"))
     print(f"  workers  {r['running_workers']}/{r['max_workers']}")
     for w in r["workers"]:
         print(f"    {w['task_id']} run {w['run_id']} pid {w['pid']} {w['profile']} "

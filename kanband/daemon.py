@@ -8,6 +8,7 @@ database, remove socket and pidfile, exit 0. Signal handlers only record.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import os
 import signal
@@ -125,7 +126,11 @@ class Daemon:
         inherited = listen_socket()
         if inherited is not None:  # socket activation: systemd owns the path
             self.sock = inherited
-            log.info("socket_inherited", fd=inherited.fileno())
+            name = inherited.getsockname()
+            if isinstance(name, str) and name:  # workers and status name the real path
+                self.paths = dataclasses.replace(self.paths, socket=Path(name))
+                self.board.paths = self.supervisor.paths = self.paths
+            log.info("socket_inherited", fd=inherited.fileno(), socket=str(self.paths.socket))
         else:
             self.sock = bind_socket(self.paths.socket, self.config.socket_mode,
                                     self.config.socket_group)

@@ -54,7 +54,8 @@ class PidFile:
         if self._fd is None:
             return
         try:
-            if read_pid(self.path) == os.getpid() and os.fstat(self._fd).st_ino == _inode(self.path):
+            if read_pid(self.path) in (os.getpid(), None) and \
+                    os.fstat(self._fd).st_ino == _inode(self.path):  # ours, or never written
                 self.path.unlink()
         except OSError:
             pass

@@ -110,13 +110,22 @@ class RpcServer:
 
     # -- access ----------------------------------------------------------------
     def allowed_gids(self) -> set[int]:
+        """socket_group, plus the socket file's own group when its mode lets that
+        group connect (e.g. kanband.socket: SocketGroup=kanband, SocketMode=0660)."""
+        gids = set()
         name = self.board.config.socket_group
-        if not name:
-            return set()
+        if name:
+            try:
+                gids.add(grp.getgrnam(name).gr_gid)
+            except KeyError:
+                pass
         try:
-            return {grp.getgrnam(name).gr_gid}
-        except KeyError:
-            return set()
+            st = os.stat(self.board.paths.socket)
+            if st.st_mode & 0o060 == 0o060:
+                gids.add(st.st_gid)
+        except OSError:
+            pass
+        return gids
 
     def admit(self, pid: int, uid: int, gid: int) -> bool:
         if uid in (0, os.getuid()):
