@@ -593,6 +593,17 @@ def cmd_watch(ctx: Ctx) -> int:
                          "tenant": a.tenant, "kinds": kinds or None})
 
 
+def cmd_backup(ctx: Ctx) -> int:
+    r = ctx.call("board.backup", path=os.path.abspath(ctx.args.path),
+                 overwrite=ctx.args.overwrite or None)
+    if ctx.json:
+        ctx.out(r)
+    else:
+        print(f"backed up {r['tasks']} tasks (event {r['event_head']}) to {r['path']} "
+              f"({r['bytes'] / 1024:.0f} KiB); start a kanband on it with --home")
+    return EXIT_OK
+
+
 def cmd_gc(ctx: Ctx) -> int:
     a = ctx.args
     r = ctx.call("board.gc", event_retention_days=a.event_retention_days,
@@ -808,6 +819,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kinds", action="append", metavar="A,B", help="only these event kinds")
     s.add_argument("--since", type=int, metavar="N",
                    help="replay events after id N first (default: from now)")
+
+    s = verb("backup", cmd_backup, "write a consistent copy of the live database to PATH")
+    s.add_argument("path", help="the file to write (written by the daemon; must not exist)")
+    s.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
 
     s = verb("gc", cmd_gc, "remove archived tasks' workspaces, old events and old log files")
     s.add_argument("--event-retention-days", type=float, default=30.0, metavar="N",

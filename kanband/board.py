@@ -30,7 +30,7 @@ TOKEN_SCOPED = frozenset({"task.complete", "task.block", "task.heartbeat", "task
                           "task.promote", "task.link", "task.unlink"})
 # Board-wide switches a worker's token may not throw.
 OPERATOR_ONLY = frozenset({"board.dispatch", "daemon.pause", "daemon.resume", "daemon.reload",
-                           "board.gc"})
+                           "board.gc", "board.backup"})
 
 
 def _user_name(uid: int | None) -> str:
@@ -511,6 +511,24 @@ class Board:
         self.check_scope("board.gc", caller)
         return gc.collect(self.store, self.paths, 30.0 if event_days is None else event_days,
                           30.0 if log_days is None else log_days, now=self.clock())
+
+    def backup(self, p: Params, caller: Caller) -> dict[str, Any]:
+        path = p.str("path", required=True, max_bytes=4096, allow_empty=False)
+        overwrite = p.bool("overwrite")
+        p.done()
+        self.check_scope("board.backup", caller)
+        assert path is not None
+        if not os.path.isabs(path):
+            raise InvalidArgument(f"path: must be absolute, got {path!r}")
+        target = os.path.normpath(path)
+        if os.path.realpath(target) in {os.path.realpath(str(self.paths.db)) + x
+                                        for x in ("", "-wal", "-shm")}:
+            raise InvalidArgument("path: that is the live database itself")
+        if os.path.exists(target) and not overwrite:
+            raise Conflict(f"{target} exists (pass overwrite to replace it)")
+        if not os.path.isdir(os.path.dirname(target)):
+            raise InvalidArgument(f"path: directory {os.path.dirname(target)} does not exist")
+        return self.store.backup(target)
 
     # -- hooks the daemon fills in -------------------------------------------
     def on_lease_change(self) -> None:

@@ -75,6 +75,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("notify.unsubscribe", "unsubscribe", "Remove matching notify subscriptions.",
            "notify"),
     Method("board.gc", "gc", "Remove archived tasks' workspaces, old events and old logs."),
+    Method("board.backup", "backup", "Consistent online copy of the database (SQLite backup API)."),
 )}
 
 

@@ -193,6 +193,32 @@ class Store:
             db.execute("COMMIT")
         return db
 
+    def backup(self, target: str) -> dict[str, Any]:
+        """A consistent online copy through SQLite's backup API, written to a
+        temporary file beside `target` and renamed into place."""
+        import os
+        tmp = f"{target}.tmp-{os.getpid()}"
+        try:
+            dst = sqlite3.connect(tmp)
+            try:
+                self._db.backup(dst)  # one step: no sleeps between pages on the loop
+                dst.execute("PRAGMA journal_mode=DELETE")
+                check = dst.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                dst.close()
+            if check != "ok":
+                raise Unavailable(f"backup failed its integrity check: {check}")
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, target)
+        except (sqlite3.Error, OSError) as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise Unavailable(f"backup to {target} failed: {e}") from None
+        return {"path": target, "bytes": os.path.getsize(target),
+                "tasks": sum(self.counts_by_status().values()), "event_head": self.event_head()}
+
     def close(self) -> None:
         try:
             self._db.execute("PRAGMA optimize")
@@ -205,15 +231,25 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction. A storage failure (disk full, I/O error) rolls back and
+        becomes `unavailable`: the client gets a clear error, nothing half-done."""
         self._pending = []
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as e:
+            self._pending = []
+            raise Unavailable(f"the board could not be written: {e} "
+                              f"(database {self.path})") from None
         except BaseException:
-            self._db.execute("ROLLBACK")
             self._pending = []
             raise
-        self._db.execute("COMMIT")
         events, self._pending = self._pending, []
         if events:
             for fn in self._listeners:
