@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok, 1 refused or failed, 2 usage error, 3 daemon unreachable,
 4 timed out. Errors go to stderr; `--json` prints one JSON document on stdout.
-Imports only the protocol, paths and errors modules of kanband: no asyncio,
+Imports only the protocol, locate and errors modules of kanband: no asyncio,
 structlog or psutil here (a test enforces it).
 """
 
@@ -13,11 +13,14 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, Callable, NoReturn
 
 from kanband import __version__
 from kanband.errors import KanbanError
-from kanband.paths import client_socket
+from kanband.locate import client_socket
 from kanband.protocol import Client, TimedOut, Unreachable
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
@@ -38,7 +41,7 @@ class Ctx:
         self.json = bool(getattr(args, "json", False))
         self.token = os.environ.get("KANBAN_RUN_TOKEN") or None
         try:
-            self.socket = str(client_socket(args.socket, args.home))
+            self.socket = client_socket(args.socket, args.home)
         except KanbanError as e:
             raise UsageError(e.message) from None
         self._client: Client | None = None

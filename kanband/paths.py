@@ -1,4 +1,4 @@
-"""Where things live (SPEC §1). Shared by kanband and kanbanctl: stays light."""
+"""Where the daemon's things live (SPEC §1). The client side is kanband.locate."""
 
 from __future__ import annotations
 
@@ -7,21 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kanband.errors import InvalidArgument
+from kanband.locate import SOCKET_NAME, env_value, state_home
+from kanband.locate import check_socket_path as _check
 
-SOCKET_NAME = "kanband.sock"
 PIDFILE_NAME = "kanband.pid"
 DB_NAME = "kanban.db"
 CONFIG_NAME = "kanband.toml"
 SYSTEM_CONFIG = Path("/etc/kanband/kanband.toml")
-# The path packaging/systemd/kanband.service and kanband.socket use.
-SYSTEM_SOCKET = Path("/run/kanband/kanband.sock")
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
-MAX_SOCKET_PATH = 107
-
-
-def _env(name: str, env: dict[str, str] | None) -> str | None:
-    value = (env if env is not None else os.environ).get(name)
-    return value or None
+_env = env_value
 
 
 def default_home(env: dict[str, str] | None = None) -> Path:
@@ -30,19 +23,11 @@ def default_home(env: dict[str, str] | None = None) -> Path:
         if value:
             # systemd may pass several colon-separated state directories.
             return Path(value.split(":")[0]).expanduser()
-    xdg = _env("XDG_STATE_HOME", env)
-    if xdg:
-        return Path(xdg) / "kanband"
-    return Path.home() / ".local" / "state" / "kanband"
+    return Path(state_home(env))
 
 
 def check_socket_path(path: Path) -> Path:
-    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
-        raise InvalidArgument(
-            f"socket path is {len(os.fsencode(str(path)))} bytes, longer than the "
-            f"{MAX_SOCKET_PATH} the kernel allows: {path}; choose a shorter one "
-            "with --socket or $KANBAN_SOCKET")
-    return path
+    return Path(_check(str(path)))
 
 
 @dataclass(frozen=True)
@@ -101,38 +86,3 @@ def find_config(explicit: str | None, home: Path,
         if p.is_file():
             return p
     return None
-
-
-def client_socket(socket: str | None = None, home: str | None = None,
-                  env: dict[str, str] | None = None) -> Path:
-    """How kanbanctl finds the daemon (SPEC §1)."""
-    if socket:
-        return check_socket_path(Path(socket).expanduser())
-    if home:  # an explicit flag beats the environment
-        return check_socket_path(Path(home).expanduser() / SOCKET_NAME)
-    if _env("KANBAN_SOCKET", env):
-        return check_socket_path(Path(_env("KANBAN_SOCKET", env)).expanduser())  # type: ignore[arg-type]
-    if _env("KANBAN_HOME", env):
-        return check_socket_path(Path(_env("KANBAN_HOME", env)).expanduser() / SOCKET_NAME)  # type: ignore[arg-type]
-    candidates = client_socket_candidates(env)
-    for c in candidates:
-        if c.exists():
-            return c
-    return hand_started_socket(env)  # named in the "not running" message
-
-
-def hand_started_socket(env: dict[str, str] | None = None) -> Path:
-    xdg_state = _env("XDG_STATE_HOME", env)
-    state = Path(xdg_state) / "kanband" if xdg_state else Path.home() / ".local" / "state" / "kanband"
-    return state / SOCKET_NAME
-
-
-def client_socket_candidates(env: dict[str, str] | None = None) -> list[Path]:
-    """User unit, then hand-started daemon, then the system service."""
-    out = []
-    xdg_run = _env("XDG_RUNTIME_DIR", env)
-    if xdg_run:
-        out.append(Path(xdg_run) / "kanband" / SOCKET_NAME)
-    out.append(hand_started_socket(env))
-    out.append(SYSTEM_SOCKET)
-    return out

@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 import msgpack
 
