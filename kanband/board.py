@@ -513,7 +513,7 @@ class Board:
                           30.0 if log_days is None else log_days, now=self.clock())
 
     def backup(self, p: Params, caller: Caller) -> dict[str, Any]:
-        path = p.str("path", required=True, max_bytes=4096, allow_empty=False)
+        path = p.str("path", required=True, max_bytes=4096, allow_empty=False, single_line=True)
         overwrite = p.bool("overwrite")
         p.done()
         self.check_scope("board.backup", caller)

@@ -86,6 +86,8 @@ class Notifier:
                 self.store.notify_advance(sub_id, e["id"])
                 delay = RETRY_FIRST
             if ok:
+                if pending:
+                    continue  # more may have been committed while we delivered
                 task = self.store.get_task(sub["task_id"])
                 if task["status"] in ENDING:
                     self.store.notify_end(sub_id)

@@ -207,7 +207,7 @@ class Store:
             finally:
                 dst.close()
             if check != "ok":
-                raise Unavailable(f"backup failed its integrity check: {check}")
+                raise sqlite3.DatabaseError(f"the copy failed its integrity check: {check}")
             os.chmod(tmp, 0o600)
             os.replace(tmp, target)
         except (sqlite3.Error, OSError) as e:
