@@ -528,7 +528,8 @@ def cmd_log(ctx: Ctx) -> int:
         r = ctx.call("task.log", id=a.id, offset=r["next_offset"])
         sys.stdout.write(r["text"])
         sys.stdout.flush()
-        if not r["text"] and ctx.call("task.show", id=a.id)["task"]["status"] != "running":
+        if not r["text"] and ctx.call("task.show", id=a.id)["task"]["status"] in (
+                "done", "blocked", "archived"):
             r = ctx.call("task.log", id=a.id, offset=r["next_offset"])
             sys.stdout.write(r["text"])
             break
@@ -804,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = verb("log", cmd_log, "print a task's worker output")
     s.add_argument("id")
     s.add_argument("--tail", type=int, metavar="BYTES", help="only the last BYTES bytes")
-    s.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the task stops running (Ctrl-C to stop)")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the task is done, blocked or archived "
+                        "(Ctrl-C to stop)")
 
     s = verb("wait", cmd_wait, "wait until tasks are done, blocked or archived "
              "(exit 0 only if all are done, 4 on timeout)")

@@ -96,7 +96,10 @@ class Notifier:
                     return
                 await kick.wait()
                 continue
-            await asyncio.sleep(delay)  # retry with backoff; other subscriptions go on
+            try:  # retry with backoff (a reload or a new event retries at once)
+                await asyncio.wait_for(kick.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
             delay = min(delay * 2, RETRY_MAX)
 
     async def _send(self, sub: dict[str, Any], event: dict[str, Any]) -> bool:

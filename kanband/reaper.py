@@ -209,19 +209,29 @@ class Reaper:
         try:
             code = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    code = await asyncio.wait_for(asyncio.shield(fut), 2.0)
-                    break
-                except asyncio.TimeoutError:
-                    continue
-            code = -signal.SIGKILL if not fut.done() else fut.result()
+            code = await self._end_helper(p.pid, fut, grace=2.0)
+        except asyncio.CancelledError:  # shutting down: the command must not outlive us
+            await self._end_helper(p.pid, fut, grace=0.5)
+            p.returncode = fut.result() if fut.done() else -signal.SIGKILL
+            raise
         p.returncode = code  # reaped by us: Popen must never wait
         return code
+
+    async def _end_helper(self, pid: int, fut: asyncio.Future[int], grace: float) -> int:
+        """SIGTERM the helper's process group, then SIGKILL; returns its exit code."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), grace)
+            except asyncio.TimeoutError:
+                continue
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), 5.0)
+        except asyncio.TimeoutError:
+            return -signal.SIGKILL
 
     def track(self, w: Worker) -> None:
         assert self.loop is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,8 @@ from kanband.store import Store
 
 log = structlog.get_logger("kanband.streams")
 
-QUEUE_LIMIT = 10_000  # live events buffered per subscriber before it is dropped
+QUEUE_LIMIT = 10_000  # live events buffered per subscriber before it is dropped ...
+BYTE_LIMIT = 8 * 1024 * 1024  # ... or this many bytes of them (like the input cap)
 REPLAY_BATCH = 500
 
 
@@ -56,7 +58,8 @@ class Subscriber:
     id: int
     conn: Any  # rpc.Connection
     filter: Filter
-    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    queued_bytes: int = 0
     live: bool = False
     cursor: int = 0  # last event id delivered (or replayed)
     task: asyncio.Task[Any] | None = None
@@ -64,9 +67,11 @@ class Subscriber:
 
 
 class EventBus:
-    def __init__(self, store: Store, queue_limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, store: Store, queue_limit: int = QUEUE_LIMIT,
+                 byte_limit: int = BYTE_LIMIT) -> None:
         self.store = store
         self.queue_limit = queue_limit
+        self.byte_limit = byte_limit
         self.subs: dict[int, Subscriber] = {}
         self._ids = itertools.count(1)
         store.on_commit(self.publish)
@@ -99,10 +104,13 @@ class EventBus:
     def _offer(self, sub: Subscriber, e: dict[str, Any]) -> None:
         if sub.dropped:
             return
-        try:
-            sub.queue.put_nowait(e)
-        except asyncio.QueueFull:
+        size = _size(e)
+        if (sub.queue.qsize() >= self.queue_limit
+                or sub.queued_bytes + size > self.byte_limit):
             self.drop(sub, "lagged")
+            return
+        sub.queued_bytes += size
+        sub.queue.put_nowait(e)
 
     def drop(self, sub: Subscriber, why: str) -> None:
         """Tell a slow subscriber it lagged and let it go; its connection closes."""
@@ -171,6 +179,7 @@ class EventBus:
             sub.conn.notify("live", {"subscription": sub.id, "cursor": sub.cursor})
             while True:
                 e = await sub.queue.get()
+                sub.queued_bytes -= _size(e)
                 if e["id"] <= sub.cursor:
                     continue  # already replayed
                 self._send(sub, e)
@@ -184,3 +193,11 @@ class EventBus:
         out = {k: v for k, v in e.items() if not k.startswith("_")}
         out["subscription"] = sub.id
         sub.conn.notify("event", out)
+
+
+def _size(e: dict[str, Any]) -> int:
+    """Approximate bytes an event holds while queued (computed once per event)."""
+    size = e.get("_size")
+    if size is None:
+        size = e["_size"] = len(json.dumps(e["payload"], default=str)) + 160
+    return size
