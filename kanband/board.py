@@ -228,8 +228,7 @@ class Board:
         self.check_scope("task.claim", caller, tid)
         task = self.store.get_task(tid)
         if task["status"] != states.READY:  # before touching the workspace
-            raise Conflict(states.refusal("claim", tid, task["status"]),
-                           {"task_id": tid, "status": task["status"]})
+            raise states.refused("claim", tid, task["status"])
         if self.supervisor is not None and tid in self.supervisor.busy_tasks():
             raise Conflict(f"cannot claim {tid}: its previous worker is still exiting",
                            {"task_id": tid, "status": task["status"]})
@@ -328,8 +327,7 @@ class Board:
         self.check_scope("task.reclaim", caller, tid)
         task = self.store.get_task(tid)
         if task["status"] != states.RUNNING:
-            raise Conflict(states.refusal("reclaim", tid, task["status"]),
-                           {"task_id": tid, "status": task["status"]})
+            raise states.refused("reclaim", tid, task["status"])
         return self._reclaim(task, "operator reclaim", lambda: {
             "task": self.task_out(self.store.get_task(tid))})
 

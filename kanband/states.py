@@ -6,6 +6,8 @@ else in the code base decides which status may follow which. A leaf module.
 
 from __future__ import annotations
 
+from kanband.errors import Conflict
+
 TRIAGE = "triage"
 TODO = "todo"
 READY = "ready"
@@ -62,6 +64,11 @@ def targets(action: str, src: str) -> frozenset[str]:
 
 def refusal(action: str, task_id: str, status: str) -> str:
     return f"cannot {VERBS.get(action, action)} {task_id}: status is {status}"
+
+
+def refused(action: str, task_id: str, status: str) -> Conflict:
+    """The `conflict` error for an action the task's status does not allow."""
+    return Conflict(refusal(action, task_id, status), {"task_id": task_id, "status": status})
 
 
 # How each way a run can end affects its task (SPEC §4). One table, used by

@@ -279,8 +279,7 @@ class Store:
             raise NotFound(f"no task {task_id}")
         src = src[0]
         if not states.allowed(action, src, dst):
-            raise Conflict(states.refusal(action, task_id, src),
-                           {"task_id": task_id, "status": src})
+            raise states.refused(action, task_id, src)
         cols = {"status": dst, **(sets or {})}
         assign = ", ".join(f"{k} = ?" for k in cols)
         cur = self._db.execute(f"UPDATE tasks SET {assign} WHERE id = ? AND status = ?",
@@ -635,8 +634,7 @@ class Store:
                                "(use --force to reclaim it first)",
                                {"task_id": task_id, "status": "running"})
             if task["status"] == states.ARCHIVED:
-                raise Conflict(states.refusal("assign", task_id, task["status"]),
-                               {"task_id": task_id, "status": task["status"]})
+                raise states.refused("assign", task_id, task["status"])
             db.execute("UPDATE tasks SET assignee = ? WHERE id = ?", (assignee, task_id))
             self._emit(task_id, "assigned", {"assignee": assignee}, now)
             return self.get_task(task_id)
@@ -648,8 +646,7 @@ class Store:
             p, c = self._task_row(parent), self._task_row(child)
             for t in (p, c):
                 if t["status"] == states.ARCHIVED:
-                    raise Conflict(states.refusal("link", t["id"], t["status"]),
-                                   {"task_id": t["id"], "status": t["status"]})
+                    raise states.refused("link", t["id"], t["status"])
             if db.execute("SELECT 1 FROM task_links WHERE parent_id=? AND child_id=?",
                           (parent, child)).fetchone():
                 raise Conflict(f"{parent} is already a parent of {child}")
@@ -694,8 +691,7 @@ class Store:
         with self._tx():
             task = self._task_row(task_id)
             if task["status"] != states.TRIAGE:
-                raise Conflict(states.refusal("promote", task_id, task["status"]),
-                               {"task_id": task_id, "status": task["status"]})
+                raise states.refused("promote", task_id, task["status"])
             dst = states.TODO if self._unfinished_parents(task_id) else states.READY
             self._move(task_id, "promote", dst, now)
             self._emit(task_id, "promoted", {"from": "triage", "status": dst}, now)
@@ -707,8 +703,7 @@ class Store:
         with self._tx() as db:
             task = self._task_row(task_id)
             if task["status"] != states.READY:
-                raise Conflict(states.refusal("claim", task_id, task["status"]),
-                               {"task_id": task_id, "status": task["status"]})
+                raise states.refused("claim", task_id, task["status"])
             if task["current_run_id"] is not None:
                 raise Conflict(f"cannot claim {task_id}: it holds a lease")
             if task["not_before"] is not None and task["not_before"] > now:
@@ -739,8 +734,7 @@ class Store:
         with self._tx() as db:
             task = self._task_row(task_id)
             if task["status"] != states.RUNNING or not task["current_run_id"]:
-                raise Conflict(states.refusal("heartbeat", task_id, task["status"]),
-                               {"task_id": task_id, "status": task["status"]})
+                raise states.refused("heartbeat", task_id, task["status"])
             run_id = task["current_run_id"]
             db.execute("UPDATE runs SET last_heartbeat_at = ?, heartbeat_note = ?,"
                        " lease_expires = CASE WHEN lease_ttl IS NULL THEN NULL"
@@ -780,8 +774,7 @@ class Store:
         with self._tx():
             task = self._task_row(task_id)
             if task["status"] != states.BLOCKED:
-                raise Conflict(states.refusal("unblock", task_id, task["status"]),
-                               {"task_id": task_id, "status": task["status"]})
+                raise states.refused("unblock", task_id, task["status"])
             dst = states.TODO if self._unfinished_parents(task_id) else states.READY
             self._move(task_id, "unblock", dst, now, {"consecutive_failures": 0,
                                                      "not_before": None})
