@@ -152,8 +152,8 @@ class Board:
         triage = p.bool("triage")
         p.done()
         task, created = self.store.create_task(fields, parents, triage=triage, now=self.clock())
-        if created:
-            self.wake()
+        if created and task["status"] == states.READY and assignee in self.config.profiles:
+            self.wake()  # only a create that a worker could take needs a dispatch pass
         out = self.task_out(task)
         warning = None
         if created and out["status"] == states.READY and assignee and \
@@ -390,8 +390,16 @@ class Board:
                 "running": by_status[states.RUNNING], "running_workers": info["running"],
                 "total": sum(by_status.values()), "events": self.store.event_count(),
                 "event_bytes": self.store.event_bytes(),
-                "log_bytes": gc.disk_usage(self.paths.logs),
+                "log_bytes": self._log_bytes(),
                 "event_head": self.store.event_head(), "db_bytes": self.store.db_size_bytes()}
+
+    def _log_bytes(self, max_age: float = 30.0) -> int:
+        """Disk used by worker logs; walked at most every `max_age` seconds."""
+        cached = getattr(self, "_log_bytes_cache", None)
+        now = time.monotonic()
+        if cached is None or now - cached[0] > max_age:
+            cached = self._log_bytes_cache = (now, gc.disk_usage(self.paths.logs))
+        return cached[1]
 
     def assignees(self, p: Params, caller: Caller) -> dict[str, Any]:
         p.done()

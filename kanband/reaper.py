@@ -88,6 +88,39 @@ def last_line(text: str) -> str | None:
     return None
 
 
+def children_of(pid: int | str = "self") -> list[int]:
+    """Direct children of a process from /proc/<pid>/task/*/children: cost grows
+    with the children, not with every process on the machine (as psutil's
+    children() does, by reading every /proc/<pid>/stat)."""
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out.extend(int(x) for x in f.read().split())
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    except FileNotFoundError:
+        return []
+    except OSError:  # no CONFIG_PROC_CHILDREN: fall back to the full scan
+        try:
+            proc = psutil.Process() if pid == "self" else psutil.Process(int(pid))
+            return [c.pid for c in proc.children()]
+        except psutil.Error:
+            return []
+    return out
+
+
+def descendants_of(pid: int) -> list[int]:
+    seen: list[int] = []
+    stack = children_of(pid)
+    while stack:
+        child = stack.pop()
+        seen.append(child)
+        stack.extend(children_of(child))
+    return seen
+
+
 def proc_start_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -166,7 +199,7 @@ class Reaper:
 
     # -- spawning ----------------------------------------------------------------
     def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
-              run_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+              run_dir: Path, header: str = "") -> tuple[subprocess.Popen[bytes], int]:
         """Start the worker; raises OSError with a reason on failure."""
         exe = argv[0]
         found = shutil.which(exe, path=env.get("PATH")) if "/" not in exe else (
@@ -176,6 +209,8 @@ class Reaper:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            if header:
+                os.write(fd, header.encode("utf-8", "replace"))
             offset = os.fstat(fd).st_size
             p = subprocess.Popen(["/bin/sh", "-c", SHIM, "kanband-worker",
                                   str(run_dir / EXIT_FILE), *argv],
@@ -303,14 +338,11 @@ class Reaper:
     # -- attribution and killing ---------------------------------------------------
     def refresh_known(self, w: Worker) -> None:
         """Remember the worker's descendants while the tree is intact."""
-        try:
-            for c in psutil.Process(w.pid).children(recursive=True):
-                try:
-                    w.known[c.pid] = c.create_time()
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
+        for pid in descendants_of(w.pid):
+            if pid not in w.known:
+                ct = proc_start_time(pid)
+                if ct is not None:
+                    w.known[pid] = ct
 
     def run_processes(self, w: Worker) -> list[psutil.Process]:
         """Every live process attributed to the run, the worker itself included."""
@@ -374,23 +406,17 @@ class Reaper:
             return True
         if any(same_process(pid, ct) for pid, ct in w.known.items()):
             return True
-        try:
-            kids = psutil.Process().children()
-        except psutil.Error:
-            return False
-        for p in kids:
-            if p.pid in self.by_pid:
+        for pid in children_of():
+            if pid in self.by_pid or pid in self.helpers:
                 continue
-            try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if p.environ().get("KANBAN_RUN_ID") == w.run_id:
-                    return True
-                for c in p.children(recursive=True):
-                    if c.environ().get("KANBAN_RUN_ID") == w.run_id:
+            for cand in (pid, *descendants_of(pid)):
+                try:
+                    p = psutil.Process(cand)
+                    if p.status() != psutil.STATUS_ZOMBIE and \
+                            p.environ().get("KANBAN_RUN_ID") == w.run_id:
                         return True
-            except psutil.Error:
-                continue
+                except psutil.Error:
+                    continue
         return False
 
     async def kill_run(self, w: Worker, grace: float) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from kanband import states
 from kanband.errors import Conflict, InvalidArgument, NotFound, Unavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4B4E4244  # "KNBD": refuse foreign SQLite files
 
 _MIGRATIONS: dict[int, str] = {
@@ -120,6 +120,14 @@ _MIGRATIONS: dict[int, str] = {
         created_at REAL NOT NULL,
         last_event_id INTEGER NOT NULL DEFAULT 0
     );
+    """,
+    # Dispatch order without walking every ready row; "recent work of the same
+    # assignee" without sorting its whole history; the log offset on the run.
+    2: """
+    CREATE INDEX tasks_dispatch ON tasks(status, assignee, priority DESC, created_at, id);
+    CREATE INDEX tasks_assignee_completed ON tasks(assignee, completed_at)
+        WHERE completed_at IS NOT NULL;
+    ALTER TABLE runs ADD COLUMN log_offset INTEGER;
     """,
 }
 
@@ -557,9 +565,15 @@ class Store:
                 (before,)).rowcount
 
     def event_bytes(self) -> int:
-        return self._db.execute(
-            "SELECT coalesce(sum(length(payload) + length(kind) + 48), 0) FROM events"
-        ).fetchone()[0]
+        """An estimate from the newest 1000 events (reading every payload of a
+        large board would make stats O(events))."""
+        count = self.event_count()
+        if not count:
+            return 0
+        sample, avg = self._db.execute(
+            "SELECT count(*), coalesce(avg(length(payload) + length(kind) + 48), 0) FROM"
+            " (SELECT payload, kind FROM events ORDER BY id DESC LIMIT 1000)").fetchone()
+        return int(avg * count) if sample else 0
 
     def ended_run_ids(self, ended_before: float) -> list[str]:
         return [r[0] for r in self._db.execute(
@@ -723,11 +737,11 @@ class Store:
             return self.get_run(run_id)
 
     def record_spawn(self, run_id: str, pid: int, start_time: float, profile: str,
-                     now: float) -> None:
+                     now: float, log_offset: int = 0) -> None:
         with self._tx() as db:
             run = self.get_run(run_id)
-            db.execute("UPDATE runs SET worker_pid = ?, worker_start_time = ? WHERE id = ?",
-                       (pid, start_time, run_id))
+            db.execute("UPDATE runs SET worker_pid = ?, worker_start_time = ?, log_offset = ?"
+                       " WHERE id = ?", (pid, start_time, log_offset, run_id))
             self._emit(run["task_id"], "spawned", {"pid": pid, "profile": profile}, now, run_id)
 
     def heartbeat(self, task_id: str, note: str | None, now: float) -> dict[str, Any]:

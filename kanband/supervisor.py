@@ -201,9 +201,11 @@ class Supervisor:
                       "workspace": str(ws), "context_file": str(ctx_file), "script": str(script)}
             argv = [part.format_map(values) for part in profile.command]
             env = self.worker_env(task, run_id, token, ws, ctx_file, profile)
-            _log_header(log_path, run_id, profile.name, argv)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            header = (f"=== kanband: run {run_id} ({profile.name}) started at {stamp}: "
+                      f"{' '.join(argv)[:500]}\n")
             popen, offset = self.reaper.spawn(argv, cwd=ws, env=env, log_path=log_path,
-                                              run_dir=run_dir)
+                                              run_dir=run_dir, header=header)
         except (OSError, ValueError, KeyError) as e:
             error = str(e)
             log.warning("spawn_failed", task_id=task["id"], run_id=run_id,
@@ -215,12 +217,12 @@ class Supervisor:
                                payload={"error": error})
             return {"run_id": run_id, "error": error}
         start_time = proc_start_time(popen.pid)
-        (run_dir / "log_offset").write_text(str(offset))
         w = Worker(run_id=run_id, task_id=task["id"], profile=profile, pid=popen.pid,
                    start_time=start_time, started_mono=time.monotonic(), log_path=log_path,
                    log_offset=offset, run_dir=run_dir, failure_limit=failure_limit, popen=popen)
         self.workers[run_id] = w
-        self.store.record_spawn(run_id, popen.pid, start_time or 0.0, profile.name, time.time())
+        self.store.record_spawn(run_id, popen.pid, start_time or 0.0, profile.name, time.time(),
+                                log_offset=offset)
         log.info("worker_spawned", task_id=task["id"], run_id=run_id, pid=popen.pid,
                  profile=profile.name)
         self._arm_timers(w, task, elapsed=0.0)
@@ -471,10 +473,7 @@ class Supervisor:
         profile = self.config.profiles.get(run["profile"] or "") or Profile(
             name=run["profile"] or "?", command=("?",))
         run_dir = self.paths.runs / run["id"]
-        try:
-            offset = int((run_dir / "log_offset").read_text())
-        except (OSError, ValueError):
-            offset = 0
+        offset = run.get("log_offset") or 0
         return Worker(run_id=run["id"], task_id=run["task_id"], profile=profile,
                       pid=run["worker_pid"] or 0, start_time=run["worker_start_time"],
                       started_mono=time.monotonic() - max(0.0, time.time() - run["started_at"]),
@@ -519,11 +518,6 @@ def _with_tail(text: str, tail: str) -> str:
     if not tail:
         return text
     return f"{text}\n--- last output ---\n{tail[-2048:]}"
-
-
-def _log_header(path: Path, run_id: str, profile: str, argv: list[str]) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    _log_note(path, f"run {run_id} ({profile}) started at {stamp}: {' '.join(argv)[:500]}")
 
 
 def _log_note(path: Path, text: str) -> None:
