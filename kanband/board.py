@@ -73,6 +73,7 @@ class Board:
             "paused": False, "running_by_profile": {}, "running": 0}
         self.supervisor: Any = None  # set by the daemon once supervision exists
         self._waiters: list[tuple[set[str], asyncio.Event]] = []
+        self._log_bytes_cache: tuple[float, int] | None = None
         store.on_commit(self.events_committed)
 
     # -- caller and scope --------------------------------------------------
@@ -395,7 +396,7 @@ class Board:
 
     def _log_bytes(self, max_age: float = 30.0) -> int:
         """Disk used by worker logs; walked at most every `max_age` seconds."""
-        cached = getattr(self, "_log_bytes_cache", None)
+        cached = self._log_bytes_cache
         now = time.monotonic()
         if cached is None or now - cached[0] > max_age:
             cached = self._log_bytes_cache = (now, gc.disk_usage(self.paths.logs))
@@ -515,8 +516,10 @@ class Board:
         log_days = p.number("log_retention_days", minimum=0, maximum=36500)
         p.done()
         self.check_scope("board.gc", caller)
-        return gc.collect(self.store, self.paths, 30.0 if event_days is None else event_days,
-                          30.0 if log_days is None else log_days, now=self.clock())
+        report = gc.collect(self.store, self.paths, 30.0 if event_days is None else event_days,
+                            30.0 if log_days is None else log_days, now=self.clock())
+        self._log_bytes_cache = None  # stats after gc shows what gc freed
+        return report
 
     def backup(self, p: Params, caller: Caller) -> dict[str, Any]:
         path = p.str("path", required=True, max_bytes=4096, allow_empty=False, single_line=True)
