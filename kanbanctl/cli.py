@@ -682,7 +682,39 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """Stands in for the sub-parser of a verb that is not being run: building all
+    33 sub-parsers costs more than the rest of a typical kanbanctl call."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def set_defaults(self, **kwargs: Any) -> None:
+        pass
+
+
+_GLOBAL_WITH_VALUE = ("--socket", "--home", "--timeout")
+
+
+def verb_in(argv: list[str]) -> str | None:
+    """The verb named on the command line, or None (help, version, a typo, ...)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _GLOBAL_WITH_VALUE:
+            i += 2
+        elif a.startswith(tuple(f"{g}=" for g in _GLOBAL_WITH_VALUE)):
+            i += 1
+        elif a.startswith("-"):
+            return None
+        else:
+            return a
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (with `only`) one that knows just that verb."""
+    built: list[str] = []
     p = Parser(prog="kanbanctl", description="Drive the kanband task board.",
                epilog="exit codes: 0 ok, 1 refused/failed, 2 usage error, "
                       "3 daemon unreachable, 4 timed out")
@@ -697,7 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     js = argparse.ArgumentParser(add_help=False)
     js.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
-    def verb(name: str, fn: Callable[[Ctx], int], help: str, aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    def verb(name: str, fn: Callable[[Ctx], int], help: str, aliases: tuple[str, ...] = ()) -> Any:
+        if only is not None and only != name and only not in aliases:
+            return _Skipped()
+        built.append(name)
         sp = sub.add_parser(name, help=help, description=help, parents=[js], aliases=list(aliases))
         sp.set_defaults(fn=fn)
         return sp
@@ -851,14 +886,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--thread-id", help="thread id passed to the notifier")
         s.add_argument("--user-id", help="user id passed to the notifier")
 
-    s = sub.add_parser("daemon", help="run kanband in the foreground (same as `kanband`)")
+    if only is not None and only != "daemon" and not built:
+        return build_parser()  # not a verb we know: the full parser names the choices
+    s = (sub.add_parser("daemon", help="run kanband in the foreground (same as `kanband`)")
+         if only in (None, "daemon") else _Skipped())
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to kanband")
     s.set_defaults(fn=cmd_daemon)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(verb_in(argv))
     args = parser.parse_args(argv)
     try:
         ctx = Ctx(args)
