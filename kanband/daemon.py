@@ -280,6 +280,7 @@ class Daemon:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
             try:
+                self.supervisor.retry_unrecorded()
                 self.expire_leases()
                 for w in list(self.supervisor.workers.values()):
                     self.supervisor.reaper.refresh_known(w)

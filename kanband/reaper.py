@@ -450,14 +450,20 @@ class Reaper:
                 pass
 
     async def _wait_gone(self, w: Worker, procs: list[psutil.Process], timeout: float) -> bool:
-        """Wait until the signalled processes and the process group are gone."""
+        """Wait until the signalled processes and the process group are gone. The
+        group check that scans /proc runs at most every 0.25 s."""
         deadline = time.monotonic() + timeout
         delay = 0.002
+        next_scan = 0.0
         while True:
             self.reap_all()
             alive = [p for p in procs if _alive(p)]
-            if not alive and not _group_alive(w.pgid):
+            if not alive and not _group_exists(w.pgid):
                 return True
+            if not alive and time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + 0.25
+                if not _group_alive(w.pgid):  # only zombies left in the group
+                    return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -471,13 +477,20 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _group_alive(pgid: int | None) -> bool:
-    """Any non-zombie member left in the process group?"""
+def _group_exists(pgid: int | None) -> bool:
+    """Does the process group still have members (zombies included)? No scan."""
     if pgid is None:
         return False
     try:
         os.killpg(pgid, 0)
+        return True
     except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _group_alive(pgid: int | None) -> bool:
+    """Any non-zombie member left in the process group? (Scans /proc.)"""
+    if not _group_exists(pgid):
         return False
     for p in psutil.process_iter(["pid"]):
         try:

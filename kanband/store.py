@@ -184,21 +184,28 @@ class Store:
         if version > SCHEMA_VERSION:
             raise Unavailable(f"{self.path}: schema version {version} is newer than this "
                               f"kanband understands ({SCHEMA_VERSION}); upgrade kanband")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=5000")
-        check = db.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise Unavailable(f"{self.path}: database failed its integrity check: {check}")
-        for v in range(version + 1, SCHEMA_VERSION + 1):
-            db.execute("BEGIN IMMEDIATE")
-            for stmt in _MIGRATIONS[v].split(";"):
-                if stmt.strip():
-                    db.execute(stmt)
-            db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            db.execute(f"PRAGMA user_version={v}")
-            db.execute("COMMIT")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise Unavailable(f"{self.path}: database failed its integrity check: {check}")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                db.execute("BEGIN IMMEDIATE")
+                for stmt in _MIGRATIONS[v].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version={v}")
+                db.execute("COMMIT")
+        except sqlite3.DatabaseError as e:  # damaged pages make the pragmas raise
+            db.close()
+            raise Unavailable(f"{self.path}: database failed its integrity check: {e}") from None
+        except Unavailable:
+            db.close()
+            raise
         return db
 
     def backup(self, target: str) -> dict[str, Any]:

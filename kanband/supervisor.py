@@ -20,7 +20,7 @@ from kanband import context, states, workspace
 from kanband.board import hash_token, new_token
 from kanband.config import Config, Profile
 from kanband.dispatcher import Slots, waiting_reason
-from kanband.errors import Conflict, KanbanError
+from kanband.errors import Conflict, KanbanError, Unavailable
 from kanband.paths import DaemonPaths
 from kanband.reaper import (STRIPPED_ENV, Reaper, Worker, describe_exit, last_line,
                             proc_start_time, read_exit_file, same_process, tail_text)
@@ -49,6 +49,7 @@ class Supervisor:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stuck_passes = 0
         self._stuck_warned = 0.0
+        self.unrecorded: dict[str, tuple[Worker, Any]] = {}  # outcomes the disk refused
 
     @property
     def claimer(self) -> str:
@@ -221,8 +222,12 @@ class Supervisor:
                    start_time=start_time, started_mono=time.monotonic(), log_path=log_path,
                    log_offset=offset, run_dir=run_dir, failure_limit=failure_limit, popen=popen)
         self.workers[run_id] = w
-        self.store.record_spawn(run_id, popen.pid, start_time or 0.0, profile.name, time.time(),
-                                log_offset=offset)
+        try:
+            self.store.record_spawn(run_id, popen.pid, start_time or 0.0, profile.name,
+                                    time.time(), log_offset=offset)
+        except Unavailable as e:  # supervised all the same; only re-adoption needs the pid
+            log.error("spawn_not_recorded", task_id=task["id"], run_id=run_id, pid=popen.pid,
+                      error=e.message)
         log.info("worker_spawned", task_id=task["id"], run_id=run_id, pid=popen.pid,
                  profile=profile.name)
         self._arm_timers(w, task, elapsed=0.0)
@@ -316,11 +321,10 @@ class Supervisor:
                  profile=w.profile.name, reason=reason, sigkill=w.sigkilled)
         try:
             if record is not None:
-                record(w)
-            elif self._run_active(w):
-                pass  # the caller records the outcome right after we return
-            else:
-                self.store.record_exit_status(w.run_id, w.exit_code, w.signal)
+                self._record(w, record)
+            elif not self._run_active(w):  # else the caller records right after we return
+                self._record(w, lambda w: self.store.record_exit_status(
+                    w.run_id, w.exit_code, w.signal))
         finally:
             self._finalize(w)
         return w
@@ -374,9 +378,29 @@ class Supervisor:
         try:
             if self.reaper.has_leftovers(w):  # leftovers of the tree: no orphan survives
                 await self.reaper.kill_run(w, self.config.kill_grace)
-            self._classify(w)
+            self._record(w, self._classify)
         finally:
             self._finalize(w)
+
+    def _record(self, w: Worker, record: Any) -> None:
+        """Write a run's outcome; if the board cannot be written (disk full), keep
+        it and retry from the sweep, so no run is left without its outcome."""
+        try:
+            record(w)
+        except Unavailable as e:
+            log.error("outcome_not_recorded", task_id=w.task_id, run_id=w.run_id,
+                      error=e.message, retry="every sweep")
+            self.unrecorded[w.run_id] = (w, record)
+
+    def retry_unrecorded(self) -> None:
+        for run_id, (w, record) in list(self.unrecorded.items()):
+            try:
+                record(w)
+            except Unavailable:
+                return  # still failing: try again next sweep
+            del self.unrecorded[run_id]
+            log.info("outcome_recorded_late", task_id=w.task_id, run_id=run_id)
+            self.wake()
 
     def _classify(self, w: Worker) -> None:
         """Exactly one outcome per run, from the §4 table."""
