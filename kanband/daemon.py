@@ -38,6 +38,7 @@ log = structlog.get_logger("kanband")
 
 SWEEP_SECONDS = 2.0  # safety sweep: leases, timers, dispatch
 HEALTH_SECONDS = 60.0  # a periodic `health` log line with counts
+KNOWN_REFRESH_SECONDS = 10.0  # how often a worker's descendants are re-listed
 
 
 class StartupError(Exception):
@@ -282,8 +283,11 @@ class Daemon:
             try:
                 self.supervisor.retry_unrecorded()
                 self.expire_leases()
+                now = time.monotonic()
                 for w in list(self.supervisor.workers.values()):
-                    self.supervisor.reaper.refresh_known(w)
+                    if now - w.known_at >= KNOWN_REFRESH_SECONDS:  # spread the /proc walks
+                        w.known_at = now
+                        self.supervisor.reaper.refresh_known(w)
                 self.supervisor.wake()
             except Exception:
                 log.exception("sweep_failed")

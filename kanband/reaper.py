@@ -165,6 +165,7 @@ class Worker:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     known: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    known_at: float = field(default_factory=lambda: time.monotonic() - 8.0)  # first at ~2 s
 
     @property
     def pgid(self) -> int | None:

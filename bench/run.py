@@ -1,0 +1,170 @@
+"""Entry point: `python -m bench [--quick] [--only NAME[,NAME]] [--json PATH]`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench import harness as h
+from bench.metrics import METRICS, Row, row
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        if abs(x) >= 10:
+            return f"{x:.1f}"
+        return f"{x:.3g}" if abs(x) >= 0.01 else f"{x:.2g}"
+    return str(x)
+
+
+def table(rows: list[Row]) -> str:
+    head = ["metric", "kanband", "baseline", "ratio", "target", "pass"]
+    lines = []
+    for r in rows:
+        unit = r["unit"]
+        k = f"{_fmt(r['kanband'])} {unit}" if r["kanband"] is not None else "-"
+        b = f"{_fmt(r['baseline'])} {unit}" if r["baseline"] is not None else "-"
+        ratio = f"{_fmt(r['ratio'])}x" if r["ratio"] is not None else "-"
+        p = {True: "PASS", False: "FAIL", None: "info"}[r["pass"]]
+        lines.append([r["metric"], k, b, ratio, r["target"], p])
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(head, widths)),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def markdown(rows: list[Row]) -> str:
+    out = ["| metric | kanband | baseline | ratio | target | pass |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        unit = r["unit"]
+        k = f"{_fmt(r['kanband'])} {unit}" if r["kanband"] is not None else "-"
+        b = f"{_fmt(r['baseline'])} {unit}" if r["baseline"] is not None else "-"
+        ratio = f"{_fmt(r['ratio'])}x" if r["ratio"] is not None else "-"
+        p = {True: "PASS", False: "**FAIL**", None: "info"}[r["pass"]]
+        out.append(f"| {r['metric']} | {k} | {b} | {ratio} | {r['target']} | {p} |")
+    return "\n".join(out)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="smaller counts; under a minute")
+    ap.add_argument("--only", metavar="NAME", action="append", default=[],
+                    help="run only these metrics (repeat or comma-separate): "
+                         + ", ".join(METRICS))
+    ap.add_argument("--json", metavar="PATH",
+                    help="write results here (default bench/results.json; with --whatif "
+                         "bench/results-whatif.json)")
+    ap.add_argument("--whatif", action="store_true",
+                    help="experiment: run every daemon as `python -m bench.whatif` (kanband "
+                         "with prototype fixes monkeypatched in; see bench/whatif.py)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="attach `py-spy record` to every kanband started and write collapsed "
+                         "stacks to DIR/<metric>-<n>.txt (summarise with python -m bench.stacks)")
+    ap.add_argument("--tmp", metavar="DIR", default="/tmp",
+                    help="base directory for the temporary homes (default /tmp); socket "
+                         "paths under it must fit in 107 bytes")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    args = ap.parse_args(argv)
+    names = [n for arg in args.only for n in arg.split(",") if n] or list(METRICS)
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        ap.error(f"unknown metric(s): {', '.join(unknown)} (known: {', '.join(METRICS)})")
+
+    if args.json is None:
+        args.json = str(DEFAULT_JSON.with_name("results-whatif.json") if args.whatif
+                        else DEFAULT_JSON)
+    h.TMP_BASE = args.tmp
+    if not h.unix_socket_path_ok(Path(args.tmp) / "kbenchXXXXXXXX" / "h" / "kanband.sock"):
+        ap.error(f"--tmp {args.tmp}: too long for a Unix socket path")
+    if args.whatif:
+        h.DAEMON_MODULE = "bench.whatif"
+    if args.profile:
+        h.PROFILE_DIR = Path(args.profile).resolve()
+    h.become_subreaper()
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
+    # The file-creation probe runs after the metrics: deleting its directories
+    # can set off kernel work (the disk is mounted with `discard`) that would
+    # land on the first metric.
+    machine = h.machine_info(probe=False)
+    mode = ("quick" if args.quick else "full") + (", whatif" if args.whatif else "")
+    print(f"kanband bench ({mode}): {machine['nproc']} x "
+          f"{machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}; "
+          f"homes under {args.tmp}", flush=True)
+    load_start = os.getloadavg()
+    code = h.code_version()
+    print(f"kanband at {code['commit'] or '?'}{' + uncommitted changes' if code['dirty'] else ''}",
+          flush=True)
+    rows: list[Row] = []
+    timings: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    t_all = time.perf_counter()
+    try:
+        for name in names:
+            t = time.perf_counter()
+            h.CURRENT = name
+            print(f"  {name} ...", end="", flush=True)
+            try:
+                got = METRICS[name](args.quick)
+                rows += got
+                print(f" {time.perf_counter() - t:.1f}s", flush=True)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                errors[name] = "".join(traceback.format_exception(e))[-3000:]
+                rows.append(row(name, None, "", None, ("value", "<=", 0), {"error": str(e)},
+                                f"ERROR: {e}"))
+                print(f" ERROR: {e}", flush=True)
+            finally:
+                timings[name] = round(time.perf_counter() - t, 2)
+                h.kill_strays()
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        errors["interrupted"] = "interrupted"
+    finally:
+        h.cleanup_all()
+    total = round(time.perf_counter() - t_all, 1)
+    machine["fs_create_us"] = h.fs_probes()
+    print("mkdir + small file create: "
+          + ", ".join(f"{k} {v:.0f} us" for k, v in machine["fs_create_us"].items()))
+    print()
+    print(table(rows))
+    if args.markdown:
+        print()
+        print(markdown(rows))
+    failed = [r["metric"] for r in rows if r["pass"] is False]
+    print(f"\n{len(rows)} rows, {sum(r['pass'] is True for r in rows)} pass, {len(failed)} fail"
+          f" ({', '.join(failed) or 'none'}); {total}s; load average "
+          f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    doc = {"mode": mode, "daemon": h.DAEMON_MODULE, "code": code, "when": dt.datetime.now(dt.timezone.utc)
+           .isoformat(timespec="seconds"), "machine": machine, "duration_s": total,
+           "metric_seconds": timings,
+           "loadavg_1m": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}, "rows": rows, "errors": errors}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    for name, tb in errors.items():
+        print(f"\n{name}:\n{tb}", file=sys.stderr)
+    return 1 if errors else 0
