@@ -13,8 +13,7 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # typing itself is not imported at run time: kanbanctl stays light
 if TYPE_CHECKING:
     from typing import Any, Callable, NoReturn
 

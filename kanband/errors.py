@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # typing itself is not imported at run time: kanbanctl stays light
 if TYPE_CHECKING:
     from typing import Any
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # typing itself is not imported at run time: kanbanctl stays light
 if TYPE_CHECKING:
     from typing import Any, Iterator
 
