@@ -112,23 +112,35 @@ def _duration_arg(text: str) -> float:
     return seconds
 
 
+MAX_SECONDS = 10 * 365 * 86400.0
+
+
 def _positive(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than zero, got {text!r}")
+    if not 0 < v <= MAX_SECONDS:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_SECONDS:.0f}, got {text!r}")
     return v
 
 
 def _metadata(text: str) -> dict[str, Any]:
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
     try:
-        v = json.loads(text)
-    except json.JSONDecodeError as e:
+        v = json.loads(text, parse_constant=no_constant)
+    except RecursionError:
+        raise argparse.ArgumentTypeError("nested too deeply") from None
+    except ValueError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
     if not isinstance(v, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"tests\": 12}'")
+    try:
+        json.dumps(v, allow_nan=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError("numbers must be finite (no NaN or Infinity)") from None
     return v
 
 
@@ -179,6 +191,8 @@ def cmd_create(ctx: Ctx) -> int:
     if workspace == "worktree":
         workspace = "worktree:" + os.getcwd()
     elif workspace and workspace.startswith("dir:") and not os.path.isabs(workspace[4:]):
+        if not workspace[4:]:
+            raise UsageError("--workspace dir:PATH needs a path")
         workspace = "dir:" + os.path.abspath(workspace[4:])
     created_by = a.created_by or os.environ.get("KANBAN_PROFILE") or _user()
     r = ctx.call("task.create", title=a.title, body=a.body, assignee=a.assignee,
@@ -359,8 +373,12 @@ def _many(ctx: Ctx, method: str, ids: list[str], what: str, **params: Any) -> in
             docs.append(r["task"])
             if not ctx.json:
                 print(f"{i}: {what} [{r['task']['status']}]")
-    if ctx.json:
+    if ctx.json and failed < len(ids):  # nothing on stdout when every id was refused
         ctx.out(docs[0] if len(ids) == 1 and not failed else docs)
+    bad_input = [r for r in results if isinstance(r, KanbanError)
+                 and r.code in ("invalid_argument", "too_large")]
+    if failed and len(bad_input) == failed:
+        return EXIT_USAGE
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -597,6 +615,8 @@ def cmd_watch(ctx: Ctx) -> int:
 
 
 def cmd_backup(ctx: Ctx) -> int:
+    if not ctx.args.path.strip():
+        raise UsageError("backup needs a file path")
     r = ctx.call("board.backup", path=os.path.abspath(ctx.args.path),
                  overwrite=ctx.args.overwrite or None)
     if ctx.json:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kanband.errors import InvalidArgument
+from kanband.errors import InvalidArgument, show
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -17,16 +19,18 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 def parse_duration(value: Any, what: str = "duration") -> float:
     """Seconds from `300`, `"90s"`, `"30m"`, `"2h"`, `"1d"`."""
     if isinstance(value, bool):
-        raise InvalidArgument(f"{what}: expected a duration like 300, 90s, 30m, 2h or 1d, got {value!r}")
+        raise InvalidArgument(f"{what}: expected a duration like 300, 90s, 30m, 2h or 1d, got {show(value)}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise InvalidArgument(f"{what}: must be a finite number of seconds, got {show(value)}")
         if value < 0:
-            raise InvalidArgument(f"{what}: must not be negative, got {value!r}")
+            raise InvalidArgument(f"{what}: must not be negative, got {show(value)}")
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
-    raise InvalidArgument(f"{what}: expected a duration like 300, 90s, 30m, 2h or 1d, got {value!r}")
+    raise InvalidArgument(f"{what}: expected a duration like 300, 90s, 30m, 2h or 1d, got {show(value)}")
 
 
 def parse_optional_duration(value: Any, what: str) -> float | None:
@@ -96,19 +100,19 @@ class Config:
 
 def _int(v: Any, key: str, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise InvalidArgument(f"{key}: expected an integer >= {minimum}, got {v!r}")
+        raise InvalidArgument(f"{key}: expected an integer >= {minimum}, got {show(v)}")
     return v
 
 
 def _choice(v: Any, key: str, choices: tuple[str, ...]) -> str:
     if v not in choices:
-        raise InvalidArgument(f"{key}: expected one of {', '.join(choices)}, got {v!r}")
+        raise InvalidArgument(f"{key}: expected one of {', '.join(choices)}, got {show(v)}")
     return v
 
 
 def _str(v: Any, key: str) -> str:
     if not isinstance(v, str):
-        raise InvalidArgument(f"{key}: expected a string, got {v!r}")
+        raise InvalidArgument(f"{key}: expected a string, got {show(v)}")
     return v
 
 
@@ -116,9 +120,9 @@ def _mode(v: Any, key: str) -> int:
     if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3}", v):
         mode = int(v, 8)
         if mode & 0o600 != 0o600:
-            raise InvalidArgument(f"{key}: the owner needs read and write (0600 at least), got {v!r}")
+            raise InvalidArgument(f"{key}: the owner needs read and write (0600 at least), got {show(v)}")
         return mode
-    raise InvalidArgument(f"{key}: expected an octal mode like \"0600\" or \"0660\", got {v!r}")
+    raise InvalidArgument(f"{key}: expected an octal mode like \"0600\" or \"0660\", got {show(v)}")
 
 
 _DAEMON_KEYS = {
@@ -155,11 +159,10 @@ def _profile(name: str, raw: Any) -> Profile:
     if (not isinstance(cmd, list) or not cmd
             or not all(isinstance(c, str) and c for c in cmd)):
         raise InvalidArgument(f"{where}.command: expected a non-empty list of non-empty strings")
-    try:
-        for part in cmd:
-            part.format_map(_PlaceholderCheck())
-    except (KeyError, ValueError, IndexError) as e:
-        raise InvalidArgument(f"{where}.command: bad placeholder in {part!r}: {e}") from None
+    for part in cmd:
+        problem = _placeholder_problem(part)
+        if problem:
+            raise InvalidArgument(f"{where}.command: bad placeholder in {show(part)}: {problem}")
     env = raw.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                             for k, v in env.items()):
@@ -183,12 +186,20 @@ def _profile(name: str, raw: Any) -> Profile:
 PLACEHOLDERS = ("task_id", "run_id", "profile", "workspace", "context_file", "script")
 
 
-class _PlaceholderCheck(dict):
-    def __missing__(self, key: str) -> str:
-        if key not in PLACEHOLDERS:
-            raise KeyError(f"unknown placeholder {{{key}}} (known: "
-                           + ", ".join("{%s}" % p for p in PLACEHOLDERS) + ")")
-        return ""
+def _placeholder_problem(part: str) -> str | None:
+    """Only plain {name} fields from PLACEHOLDERS: no attributes, indexes,
+    conversions or format specs (which could also allocate without bound)."""
+    try:
+        fields = list(string.Formatter().parse(part))
+    except ValueError as e:
+        return str(e)
+    for _text, name, spec, conv in fields:
+        if name is None:
+            continue
+        if name not in PLACEHOLDERS or spec or conv:
+            return (f"unknown placeholder {{{name}}} (known: "
+                    + ", ".join("{%s}" % p for p in PLACEHOLDERS) + "; write { as {{)")
+    return None
 
 
 def from_dict(data: dict[str, Any], source: str | None = None) -> Config:
@@ -239,6 +250,8 @@ def load(path: Path | None) -> Config:
         raise InvalidArgument(f"{path}: cannot read config: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise InvalidArgument(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         return from_dict(data, str(path))
     except InvalidArgument as e:

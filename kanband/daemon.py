@@ -24,7 +24,7 @@ import structlog
 from kanband import __version__, logs
 from kanband import config as config_mod
 from kanband.board import Board
-from kanband.errors import KanbanError
+from kanband.errors import InvalidArgument, KanbanError
 from kanband.paths import DaemonPaths, find_config, resolve_daemon_paths
 from kanband.pidfile import AlreadyRunning, PidFile
 from kanband.rpc import RpcServer
@@ -236,9 +236,16 @@ class Daemon:
         try:
             # Look again: a config file created since start-up is picked up.
             path = find_config(self.config_arg, self.paths.home)
+            if path is None and self.config.source is not None:
+                raise InvalidArgument(f"{self.config.source} is gone; refusing to fall back "
+                                      "to defaults (restore it, or restart kanband)")
             new = config_mod.load(path)
         except KanbanError as e:
             log.error("config_reload_failed", error=e.message)
+            self.notify.ready(self.status_line())
+            raise
+        except Exception as e:  # never leave systemd in "reloading"
+            log.exception("config_reload_failed", error=str(e))
             self.notify.ready(self.status_line())
             raise
         self.config = new
@@ -340,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raise_nofile() -> None:
+    """Clients and workers' log files all take descriptors: use the hard limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+        except (ValueError, OSError):
+            pass
+
+
 def detach() -> int | None:
     """Fork: the parent waits for the child's word and returns an exit code;
     the child (in a new session, stdin on /dev/null) returns None and runs on."""
@@ -389,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(fd, 2)
         os.close(fd)
     logs.setup(args.log_format or config.log_format)
+    _raise_nofile()
     daemon = Daemon(paths, config)
     daemon.config_arg = args.config
     ready_fd = os.environ.pop("KANBAN_READY_FD", None)

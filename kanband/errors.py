@@ -7,6 +7,16 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+def show(value: Any, limit: int = 80) -> str:
+    """A short, safe repr of a bad value for an error message: bounded in length
+    and in nesting, so a huge or deeply nested input cannot blow up the reply."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict = 3, limit, limit, 8, 8
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class KanbanError(Exception):
     """Base class: every error that crosses the RPC boundary has a code."""
 

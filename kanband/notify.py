@@ -155,6 +155,8 @@ class Notifier:
     def list(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.str("task_id")
         p.done()
+        if tid is not None:
+            self.store.get_task(tid)  # an unknown task is not_found, not an empty list
         return {"subscriptions": self.store.notify_list(tid)}
 
     def unsubscribe(self, p: Params, caller: Caller) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from kanband.config import parse_duration
-from kanband.errors import InvalidArgument
+from kanband.errors import InvalidArgument, show
 
 MAX_TITLE = 500
 MAX_TEXT = 256 * 1024  # body, summary, comment, result (UTF-8 bytes)
@@ -86,7 +86,7 @@ class Params:
         if v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-            raise InvalidArgument(f"{name}: expected a number, got {v!r}")
+            raise InvalidArgument(f"{name}: expected a number, got {show(v)}")
         if not minimum <= v <= maximum:
             raise InvalidArgument(f"{name}: must be between {minimum} and {maximum}, got {v}")
         return float(v)
@@ -97,7 +97,7 @@ class Params:
             return None
         seconds = parse_duration(v, name)
         if seconds <= 0 or seconds > 10 * 365 * 86400:
-            raise InvalidArgument(f"{name}: must be a positive duration, got {v!r}")
+            raise InvalidArgument(f"{name}: must be a positive duration, got {show(v)}")
         return seconds
 
     def bool(self, name: str, default: bool = False) -> bool:
@@ -105,7 +105,7 @@ class Params:
         if v is None:
             return default
         if not isinstance(v, bool):
-            raise InvalidArgument(f"{name}: expected true or false, got {v!r}")
+            raise InvalidArgument(f"{name}: expected true or false, got {show(v)}")
         return v
 
     def str_list(self, name: str, max_items: int = MAX_LIST) -> list[str]:
@@ -118,9 +118,9 @@ class Params:
             raise InvalidArgument(f"{name}: {len(v)} items is over the limit of {max_items}")
         for item in v:
             if not isinstance(item, str):
-                raise InvalidArgument(f"{name}: expected a list of strings, found {item!r}")
+                raise InvalidArgument(f"{name}: expected a list of strings, found {show(item)}")
             if len(item.encode("utf-8", "surrogatepass")) > MAX_NAME or "\x00" in item:
-                raise InvalidArgument(f"{name}: item too long or holds NUL: {item[:40]!r}")
+                raise InvalidArgument(f"{name}: item too long or holds NUL: {show(item, 40)}")
         return list(v)
 
     def metadata(self, name: str = "metadata") -> dict[str, Any] | None:
@@ -130,9 +130,11 @@ class Params:
         if not isinstance(v, dict):
             raise InvalidArgument(f"{name}: must be a map (a JSON object)")
         try:
-            size = len(json.dumps(v, separators=(",", ":")).encode())
+            size = len(json.dumps(v, separators=(",", ":"), allow_nan=False).encode())
+        except RecursionError:
+            raise InvalidArgument(f"{name}: nested too deeply") from None
         except (TypeError, ValueError) as e:
-            raise InvalidArgument(f"{name}: cannot be stored as JSON: {e}") from None
+            raise InvalidArgument(f"{name}: cannot be stored as JSON: {str(e)[:200]}") from None
         if size > MAX_METADATA:
             raise InvalidArgument(f"{name}: {size} bytes encoded is over the limit of {MAX_METADATA}")
         return v

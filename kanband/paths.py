@@ -85,4 +85,6 @@ def find_config(explicit: str | None, home: Path,
     for p in (home / CONFIG_NAME, SYSTEM_CONFIG):
         if p.is_file():
             return p
+        if p.exists():
+            raise InvalidArgument(f"config path {p} exists but is not a file")
     return None

@@ -62,6 +62,17 @@ class Client:
         self.notifications: list[tuple[str, Any]] = []
 
     def connect(self) -> "Client":
+        """Connect; a full listen queue (EAGAIN) is retried until the timeout."""
+        deadline = time.monotonic() + (self.timeout if self.timeout is not None else 30.0)
+        while True:
+            try:
+                return self._connect_once()
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Unreachable(self.path, "the daemon's listen queue stayed full") from None
+                time.sleep(0.01)
+
+    def _connect_once(self) -> "Client":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
@@ -75,6 +86,9 @@ class Client:
         except socket.timeout:
             s.close()
             raise Unreachable(self.path, "timed out connecting") from None
+        except BlockingIOError:
+            s.close()
+            raise
         except OSError as e:
             s.close()
             raise Unreachable(self.path, e.strerror or str(e)) from None

@@ -38,8 +38,13 @@ EXIT_FILE = "exit_status"
 SHIM = ('f=$1; shift; "$@"; rc=$?; echo "$rc" > "$f"; '
         'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then '
         'trap - "$((rc-128))" 2>/dev/null; kill "-$((rc-128))" $$; fi; exit "$rc"')
-STRIPPED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                "LISTEN_FDNAMES")
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment for a child, minus systemd's per-service
+    variables (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) and any KANBAN_* of ours."""
+    env = {k: v for k, v in os.environ.items()
+           if k != "NOTIFY_SOCKET" and not k.startswith(("WATCHDOG_", "LISTEN_", "KANBAN_"))}
+    env.update(extra or {})
+    return env
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -236,7 +241,8 @@ class Reaper:
             out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 p = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, close_fds=True, env=env)
+                                     start_new_session=True, close_fds=True,
+                                     env=env if env is not None else child_env())
             finally:
                 os.close(out)
         fut: asyncio.Future[int] = self.loop.create_future()

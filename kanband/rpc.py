@@ -26,6 +26,7 @@ from kanband.params import Params
 from kanband.protocol import MAX_BUFFER, NOTIFY, REQUEST, RESPONSE, pack, unpacker
 
 log = structlog.get_logger("kanband.rpc")
+WRITE_HIGH_WATER = 1024 * 1024  # unsent answer bytes per connection before we wait
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ class RpcServer:
     # -- serving ---------------------------------------------------------------
     async def start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_unix_server(self._handle, sock=sock,
-                                                       limit=256 * 1024)
+                                                       limit=256 * 1024,
+                                                       backlog=socket.SOMAXCONN)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -221,6 +223,7 @@ class Connection:
                 await self.server._fatal(self.writer, TooLarge(
                     f"input exceeds the per-connection buffer of {cap} bytes"), self.reader)
                 return
+            handled = 0
             while True:
                 try:
                     msg = next(unp)
@@ -234,6 +237,16 @@ class Connection:
                 boundary = unp.tell()
                 if not await self.accept(msg):
                     return
+                handled += 1
+                # A client that pipelines and never reads must not fill our memory
+                # or hold the loop: wait for its answers to drain, let others in.
+                if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    try:
+                        await self.writer.drain()
+                    except (ConnectionError, OSError):
+                        return
+                elif handled % 64 == 0:
+                    await asyncio.sleep(0)
             try:
                 await self.writer.drain()  # a client that does not read stops being read
             except (ConnectionError, OSError):
@@ -262,6 +275,8 @@ class Connection:
             self.respond(msgid, None, result)
         except KanbanError as e:
             self.respond(msgid, e.to_wire(), None)
+        except RecursionError:
+            self.respond(msgid, InvalidArgument("params are nested too deeply").to_wire(), None)
         except Exception:
             log.exception("rpc_internal_error", method=str(method)[:100], msgid=msgid)
             self.respond(msgid, Internal(f"internal error in {str(method)[:100]} "

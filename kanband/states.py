@@ -87,3 +87,11 @@ OUTCOMES: dict[str, tuple[bool, str]] = {
     "interrupted": (False, READY),
     "lost": (False, READY),
 }
+
+
+# Every event kind (SPEC §7), for validating subscription filters.
+EVENT_KINDS = frozenset({
+    "created", "promoted", "demoted", "assigned", "linked", "unlinked", "commented",
+    "claimed", "spawned", "heartbeat", "completed", "blocked", "unblocked", "archived",
+    "reclaimed", "crashed", "no_result", "timed_out", "stale", "spawn_failed",
+    "rate_limited", "gave_up", "interrupted", "lost", "adopted"})

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from kanband import states
 from kanband.board import Caller
 from kanband.errors import InvalidArgument
 from kanband.params import Params
@@ -131,6 +132,10 @@ class EventBus:
     def subscribe(self, p: Params, caller: Caller, conn: Any) -> dict[str, Any]:
         since = p.int("since", minimum=-1, maximum=2 ** 62)
         kinds = p.str_list("kinds")
+        unknown = sorted(set(kinds) - states.EVENT_KINDS)
+        if unknown:
+            raise InvalidArgument(f"kinds: unknown event kind {unknown[0]!r} (known: "
+                                  + ", ".join(sorted(states.EVENT_KINDS)) + ")")
         f = Filter(task_id=p.str("task_id"), kinds=frozenset(kinds),
                    assignee=p.str("assignee"), tenant=p.str("tenant"))
         p.done()

@@ -22,7 +22,7 @@ from kanband.config import Config, Profile
 from kanband.dispatcher import Slots, waiting_reason
 from kanband.errors import Conflict, KanbanError, Unavailable
 from kanband.paths import DaemonPaths
-from kanband.reaper import (STRIPPED_ENV, Reaper, Worker, describe_exit, last_line,
+from kanband.reaper import (Reaper, child_env, Worker, describe_exit, last_line,
                             proc_start_time, read_exit_file, same_process, tail_text)
 from kanband.store import Store
 
@@ -236,8 +236,7 @@ class Supervisor:
 
     def worker_env(self, task: dict[str, Any], run_id: str, token: str, ws: Path,
                    ctx_file: Path, profile: Profile) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in STRIPPED_ENV
-               and not k.startswith("KANBAN_")}
+        env = child_env()
         env.update(KANBAN_TASK_ID=task["id"], KANBAN_RUN_ID=run_id, KANBAN_RUN_TOKEN=token,
                    KANBAN_WORKSPACE=str(ws), KANBAN_CONTEXT_FILE=str(ctx_file),
                    KANBAN_SOCKET=str(self.paths.socket), KANBAN_PROFILE=profile.name)
