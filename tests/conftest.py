@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,15 @@ def events_of(k: Kanband, task_id: str) -> list[dict[str, Any]]:
 
 def kinds_of(k: Kanband, task_id: str) -> list[str]:
     return [e["kind"] for e in events_of(k, task_id)]
+
+
+def integrity(db: Path) -> str:
+    """PRAGMA integrity_check of a database file, read-only."""
+    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return "; ".join(r[0] for r in c.execute("PRAGMA integrity_check"))
+    finally:
+        c.close()
 
 
 def snapshot(k: Kanband, runs: bool = False) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from conftest import WORKER, Kanband, wait_for
+from supervision_helpers import _ours
 from kanband.protocol import Client
 
 PY = sys.executable
@@ -282,18 +283,6 @@ class CtlProc:
 
 
 # -- teardown ------------------------------------------------------------------------
-def _ours(p: psutil.Process, marker: str) -> bool:
-    try:
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        if any(marker in part for part in (p.cmdline() or [])):
-            return True
-        env = p.environ()
-        return any(marker in env.get(k, "") for k in ("KANBAN_SOCKET", "KANBAN_HOME"))
-    except psutil.Error:
-        return False
-
-
 @pytest.fixture(autouse=True)
 def reap_leftovers(home: Path) -> Any:
     """Teardown: SIGKILL, by pid, every process of this test still alive after its

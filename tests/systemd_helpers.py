@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, Kanband, wait_for
+from supervision_helpers import alive
 
 PY = sys.executable
 VENV_BIN = Path(PY).parent
@@ -124,16 +125,6 @@ class EnvKanband(Kanband):
         e = super().env
         e.update(self.extra_env)
         return e
-
-
-def alive(pid: int | None) -> bool:
-    """The process exists and is not a zombie."""
-    if not pid:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def state(pid: int) -> str | None:

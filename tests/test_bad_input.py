@@ -76,16 +76,9 @@ class Board:
 
 
 @pytest.fixture(scope="module")
-def bk() -> Any:
-    """One kanband for the CLI cases."""
-    d = Path(tempfile.mkdtemp(prefix="kbb", dir="/tmp"))
-    k = Kanband(d / "h")
-    try:
-        k.start()
-        yield Board(k, d)
-    finally:
-        k.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
+def bk(shared_kd: Kanband) -> Any:
+    """One kanband for the CLI cases (conftest's shared_kd, whose scratch dir is home's parent)."""
+    return Board(shared_kd, shared_kd.home.parent)
 
 
 # -- the table ---------------------------------------------------------------------------------

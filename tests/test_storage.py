@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from conftest import Kanband, snapshot, wait_for
+from conftest import Kanband, integrity, snapshot, wait_for
 from supervision_helpers import *  # noqa: F401,F403  (activates kill_leftovers)
 from supervision_helpers import gone, read_pid, runs_of, toml, wcmd
 from kanband.errors import KanbanError
@@ -83,15 +83,6 @@ def kill_ours(marker: str) -> None:
         except psutil.Error:
             continue
     psutil.wait_procs(victims, timeout=5)
-
-
-def integrity(db: Path) -> str:
-    """PRAGMA integrity_check of a database file, read-only."""
-    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return "; ".join(r[0] for r in c.execute("PRAGMA integrity_check"))
-    finally:
-        c.close()
 
 
 def digest(path: Path) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from conftest import integrity  # noqa: F401  (re-exported for test_chaos)
 from kanband.errors import KanbanError
 from kanband.protocol import Client, TimedOut, Unreachable
 
@@ -343,15 +344,6 @@ def read_board(db_path: Path) -> dict[str, Any]:
         events = [dict(r) for r in db.execute(
             "SELECT id, task_id, run_id, kind FROM events ORDER BY id")]
         return {"tasks": tasks, "parents": dict(parents), "runs": runs, "events": events}
-    finally:
-        db.close()
-
-
-def integrity(db_path: Path) -> str:
-    """The result of PRAGMA integrity_check on the database file."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        return "; ".join(r[0] for r in db.execute("PRAGMA integrity_check"))
     finally:
         db.close()
 
