@@ -795,8 +795,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("profile")
     s.add_argument("--force", action="store_true", help="reclaim a running task first")
 
-    for name in ("link", "unlink"):
-        s = verb(name, cmd_link, f"{name} a dependency: PARENT must be done before CHILD runs")
+    for name, help in (("link", "add a dependency: PARENT must be done before CHILD runs"),
+                       ("unlink", "remove a dependency: CHILD no longer waits for PARENT")):
+        s = verb(name, cmd_link, help)
         s.add_argument("parent")
         s.add_argument("child")
 
