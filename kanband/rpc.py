@@ -162,7 +162,7 @@ class RpcServer:
             pid, uid, gid = 0, -1, -1
         if not self.admit(pid, uid, gid):
             log.warning("rpc_client_refused", peer_pid=pid, peer_uid=uid, peer_gid=gid)
-            await self._fatal(writer, Forbidden(f"uid {uid} may not use this socket"))
+            await self._fatal(writer, Forbidden(f"uid {uid} may not use this socket"), reader)
             return
         conn = Connection(self, reader, writer, pid, uid)
         self.connections.add(writer)
@@ -175,8 +175,9 @@ class RpcServer:
     async def _fatal(self, writer: asyncio.StreamWriter, err: KanbanError,
                      reader: asyncio.StreamReader | None = None) -> None:
         """Tell the client what was wrong (as an `error` notification), then close.
-        With `reader`, first swallow what the client is still sending (bounded),
-        so it is not reset mid-write and can read the error."""
+        With `reader`, swallow what the client is still sending (bounded, 1 s):
+        closing a Unix socket with unread input resets the peer, which would
+        then lose the error we just sent."""
         try:
             writer.write(pack([NOTIFY, "error", [err.to_wire()]]))
             await asyncio.wait_for(writer.drain(), 1.0)
@@ -232,7 +233,8 @@ class Connection:
                 except Exception as e:  # garbage: FormatError, StackError, bad UTF-8, ...
                     log.warning("rpc_bad_frame", peer_pid=self.pid, error=str(e)[:200])
                     await self.server._fatal(self.writer, InvalidArgument(
-                        f"malformed msgpack input: {type(e).__name__}: {str(e)[:200]}"))
+                        f"malformed msgpack input: {type(e).__name__}: {str(e)[:200]}"),
+                        self.reader)
                     return
                 boundary = unp.tell()
                 if not await self.accept(msg):
@@ -258,12 +260,12 @@ class Connection:
             return True  # client notifications carry nothing we act on
         if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == REQUEST):
             await self.server._fatal(self.writer, InvalidArgument(
-                "expected a request [0, msgid, method, [params]]"))
+                "expected a request [0, msgid, method, [params]]"), self.reader)
             return False
         _, msgid, method, params = msg
         if isinstance(msgid, bool) or not isinstance(msgid, int) or not 0 <= msgid < 2 ** 32:
             await self.server._fatal(self.writer, InvalidArgument(
-                "msgid must be an unsigned 32-bit integer"))
+                "msgid must be an unsigned 32-bit integer"), self.reader)
             return False
         try:
             result = self.call(method, params)

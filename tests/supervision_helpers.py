@@ -118,6 +118,18 @@ def live_workers(k: Kanband) -> list[tuple[int, str | None, str | None]]:
                          env.get("KANBAN_TASK_ID")))
         except psutil.Error:
             continue
+    # A worker forking a helper (e.g. kanbanctl) shows its command line in the
+    # child until exec: count process trees, not processes.
+    pids = {p.pid for p, *_ in seen}
+    roots = []
+    for entry in seen:
+        try:
+            if entry[0].ppid() in pids:
+                continue
+        except psutil.Error:
+            continue
+        roots.append(entry)
+    seen = roots
     out = []
     for p, ctime, profile, task in seen:
         try:
