@@ -327,14 +327,20 @@ class RawConn:
         self.close()
 
 
-@pytest.fixture(scope="module")
-def shared_kd() -> Any:
-    """One kanband shared by a module's tests: for tests that do not need an empty board."""
-    d = Path(tempfile.mkdtemp(prefix="kb", dir="/tmp"))
-    k = Kanband(d / "h")
+def module_kanband(config: str | None = None, prefix: str = "kb") -> Any:
+    """Start one kanband on a fresh temp home, yield it, clean up: the body of
+    module-scoped daemon fixtures."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    k = Kanband(d / "h", config)
     try:
         k.start()
         yield k
     finally:
         k.cleanup()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shared_kd() -> Any:
+    """One kanband shared by a module's tests: for tests that do not need an empty board."""
+    yield from module_kanband()

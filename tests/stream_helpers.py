@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import pytest
 
 from conftest import WORKER, Kanband, wait_for
-from supervision_helpers import _ours
+from supervision_helpers import kill_processes_of
 from kanband.protocol import Client
 
 PY = sys.executable
@@ -288,18 +287,7 @@ def reap_leftovers(home: Path) -> Any:
     """Teardown: SIGKILL, by pid, every process of this test still alive after its
     daemons were stopped (they carry the test's home in argv or environment)."""
     yield
-    marker = str(home)
-    me = os.getpid()
-    for _ in range(3):
-        victims = [p for p in psutil.process_iter(["pid"]) if p.pid != me and _ours(p, marker)]
-        if not victims:
-            return
-        for p in victims:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-        psutil.wait_procs(victims, timeout=3)
+    kill_processes_of(home)
 
 
 def bg(fn: Callable[[], Any]) -> tuple[threading.Thread, queue.Queue[Any]]:

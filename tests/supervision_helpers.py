@@ -159,6 +159,11 @@ def kill_leftovers(home: Path) -> Any:
     (workers, shims, escaped grandchildren: all carry the test's home in their
     environment or command line). Runs after the daemons are stopped."""
     yield
+    kill_processes_of(home)
+
+
+def kill_processes_of(home: Path) -> None:
+    """SIGKILL, by pid, every live process carrying `home` in argv or environment."""
     marker = str(home)
     me = os.getpid()
     for _ in range(3):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Kanband, wait_for
+from conftest import Kanband, module_kanband, wait_for
 from hostile_helpers import full_snapshot
 from kanbanctl.cli import build_parser
 
@@ -381,14 +380,7 @@ def _write(path: Path, text: str | bytes) -> None:
 @pytest.fixture(scope="module")
 def cfg() -> Any:
     """One kanband started with GOOD, whose config file the reload cases overwrite."""
-    d = Path(tempfile.mkdtemp(prefix="kbc", dir="/tmp"))
-    k = Kanband(d / "h", GOOD)
-    try:
-        k.start()
-        yield k
-    finally:
-        k.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
+    yield from module_kanband(GOOD, prefix="kbc")
 
 
 def _ids(cases: list[tuple[str | bytes, str]]) -> list[str]:
