@@ -24,6 +24,7 @@ from kanband.params import MAX_TEXT, Params, check_skills, check_title
 from kanband.paths import DaemonPaths
 from kanband.store import Store
 
+WAITING_STATUSES = frozenset({states.READY, states.TODO})  # the ones with a waiting_reason
 # Methods through which a run-token holder may change only its own task.
 TOKEN_SCOPED = frozenset({"task.complete", "task.block", "task.heartbeat", "task.unblock",
                           "task.archive", "task.assign", "task.claim", "task.reclaim",
@@ -102,17 +103,32 @@ class Board:
                             "its token no longer changes the task")
 
     # -- output ------------------------------------------------------------
-    def task_out(self, task: dict[str, Any], slots: Slots | None = None) -> dict[str, Any]:
+    def task_out(self, task: dict[str, Any], slots: Slots | None = None,
+                 busy: set[str] | None = None) -> dict[str, Any]:
         t = dict(task)
         if t["workspace_path"] is None or t["workspace_kind"] == "worktree":
-            t["workspace_path"] = str(workspace.path_for(task, self.paths.workspaces))
-        t["waiting_reason"] = self.waiting_reason(task, slots)
+            t["workspace_path"] = workspace.path_str(task, self._workspaces)
+        t["waiting_reason"] = self.waiting_reason(task, slots, busy) \
+            if task["status"] in WAITING_STATUSES else None
         return t
 
-    def waiting_reason(self, task: dict[str, Any], slots: Slots | None = None) -> str | None:
+    def _tasks_out(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """task_out for many rows: the slot counts and busy set are computed once."""
+        if not tasks:
+            return []
+        slots = self.supervisor.slots() if self.supervisor is not None else Slots(self.config)
+        busy = self.supervisor.busy_tasks() if self.supervisor is not None else set()
+        return [self.task_out(t, slots, busy) for t in tasks]
+
+    @property
+    def _workspaces(self) -> str:
+        return str(self.paths.workspaces)
+
+    def waiting_reason(self, task: dict[str, Any], slots: Slots | None = None,
+                       busy: set[str] | None = None) -> str | None:
         """Why a ready/todo task is not running (see dispatcher.waiting_reason)."""
         if self.supervisor is not None:
-            return self.supervisor.waiting_reason(task, self.clock(), slots)
+            return self.supervisor.waiting_reason(task, self.clock(), slots, busy)
         return waiting_reason(task, now=self.clock(), slots=slots or Slots(self.config),
                               paused=False, unfinished_parents=self.store.unfinished_parents)
 
@@ -174,19 +190,19 @@ class Board:
             created_by=p.str("created_by"), include_archived=p.bool("archived"),
             limit=p.int("limit", minimum=1))
         p.done()
-        slots = self.supervisor.slots() if self.supervisor is not None else Slots(self.config)
-        return {"tasks": [self.task_out(t, slots) for t in tasks]}
+        return {"tasks": self._tasks_out(tasks)}
 
     def show(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.task_id()
         p.done()
         task = self.store.get_task(tid)
-        return {"task": self.task_out(task),
-                "parents": [self.task_out(t) for t in self.store.parents(tid)],
-                "children": [self.task_out(t) for t in self.store.children(tid)],
+        parents, children = self.store.parents(tid), self.store.children(tid)
+        out = self._tasks_out([task, *parents, *children])
+        return {"task": out[0], "parents": out[1:1 + len(parents)],
+                "children": out[1 + len(parents):],
                 "comments": self.store.comments(tid),
                 "events": self.store.events(task_id=tid),
-                "runs": self.store.runs(tid)}
+                "runs": self.store.runs(tid, check=False)}
 
     def assign(self, p: Params, caller: Caller) -> Any:
         tid = p.task_id()

@@ -115,6 +115,7 @@ class Daemon:
         os.close(os.open(self.paths.db, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
         try:
             self.store = Store(self.paths.db, self.config.durability)
+            self.store.start_checkpointer()
         except KanbanError as e:
             raise StartupError(e.message) from None
         self.board = Board(self.store, self.config, self.paths)

@@ -27,6 +27,7 @@ from kanband.protocol import MAX_BUFFER, NOTIFY, REQUEST, RESPONSE, pack, unpack
 
 log = structlog.get_logger("kanband.rpc")
 WRITE_HIGH_WATER = 1024 * 1024  # unsent answer bytes per connection before we wait
+PUMP_BUDGET = 512  # requests of one connection handled per event-loop step
 
 
 @dataclass(frozen=True)
@@ -35,31 +36,39 @@ class Method:
     attr: str  # a Board method, or a method of an extra handler object
     doc: str
     target: str = "board"
+    # True: the handler only reads or writes the board (no kill, no await), so
+    # several such requests of one read may share one transaction.
+    batch: bool = False
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("system.ping", "ping", "Liveness check: {pong, version, time}."),
     Method("system.methods", "", "List every method with a one-line description.", "rpc"),
-    Method("daemon.status", "status", "Daemon pid, version, uptime, paths, counts, workers."),
-    Method("task.create", "create", "Create a task; {task, created, warning}."),
-    Method("task.list", "list", "List tasks by status/assignee/tenant; {tasks}."),
-    Method("task.show", "show", "One task with parents, children, comments, events, runs."),
+    Method("daemon.status", "status", "Daemon pid, version, uptime, paths, counts, workers.",
+           batch=True),
+    Method("task.create", "create", "Create a task; {task, created, warning}.", batch=True),
+    Method("task.list", "list", "List tasks by status/assignee/tenant; {tasks}.", batch=True),
+    Method("task.show", "show", "One task with parents, children, comments, events, runs.",
+           batch=True),
     Method("task.assign", "assign", "Set or clear the assignee; force reclaims a running task."),
-    Method("task.link", "link", "Make parent a dependency of child (DAG; cycles refused)."),
-    Method("task.unlink", "unlink", "Remove a dependency."),
+    Method("task.link", "link", "Make parent a dependency of child (DAG; cycles refused).",
+           batch=True),
+    Method("task.unlink", "unlink", "Remove a dependency.", batch=True),
     Method("task.claim", "claim", "Claim a ready task as an external worker: run, token, lease."),
-    Method("task.comment", "comment", "Add a comment."),
+    Method("task.comment", "comment", "Add a comment.", batch=True),
     Method("task.complete", "complete", "Mark done, with result/summary/metadata."),
     Method("task.block", "block", "Mark blocked with a reason."),
     Method("task.unblock", "unblock", "blocked -> ready/todo; resets the failure counter."),
     Method("task.archive", "archive", "Archive (kills a running worker first)."),
-    Method("task.promote", "promote", "triage -> todo/ready."),
+    Method("task.promote", "promote", "triage -> todo/ready.", batch=True),
     Method("task.reclaim", "reclaim", "Stop the current run and requeue; no failure counted."),
     Method("task.heartbeat", "heartbeat", "Record liveness and renew the lease."),
-    Method("task.runs", "runs", "Every run (attempt) of a task."),
-    Method("task.context", "context", "The worker context document of a task (markdown)."),
-    Method("board.stats", "stats", "Counts by status and assignee, ages, sizes."),
-    Method("board.assignees", "assignees", "Configured profiles and assignees with counts."),
+    Method("task.runs", "runs", "Every run (attempt) of a task.", batch=True),
+    Method("task.context", "context", "The worker context document of a task (markdown).",
+           batch=True),
+    Method("board.stats", "stats", "Counts by status and assignee, ages, sizes.", batch=True),
+    Method("board.assignees", "assignees", "Configured profiles and assignees with counts.",
+           batch=True),
     Method("board.dispatch", "dispatch", "Run one dispatch pass now (dry_run reports only)."),
     Method("daemon.pause", "pause", "Stop automatic dispatching (manual dispatch still works)."),
     Method("daemon.resume", "resume", "Restart automatic dispatching."),
@@ -107,7 +116,7 @@ class RpcServer:
         self.board = board
         self.max_buffer = max_buffer
         self.targets: dict[str, Any] = {"board": board, "rpc": self}
-        self.connections: set[asyncio.StreamWriter] = set()
+        self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None
 
     # -- access ----------------------------------------------------------------
@@ -137,15 +146,15 @@ class RpcServer:
 
     # -- serving ---------------------------------------------------------------
     async def start(self, sock: socket.socket) -> None:
-        self._server = await asyncio.start_unix_server(self._handle, sock=sock,
-                                                       limit=256 * 1024,
-                                                       backlog=socket.SOMAXCONN)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock,
+                                                     backlog=socket.SOMAXCONN)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for w in list(self.connections):
-            w.close()
+        for c in list(self.connections):
+            c.close()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -154,118 +163,219 @@ class RpcServer:
         return {"methods": [{"name": m.name, "doc": m.doc} for m in sorted(
             METHODS.values(), key=lambda m: m.name)]}
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        try:
-            pid, uid, gid = peer_credentials(sock)
-        except OSError:
-            pid, uid, gid = 0, -1, -1
-        if not self.admit(pid, uid, gid):
-            log.warning("rpc_client_refused", peer_pid=pid, peer_uid=uid, peer_gid=gid)
-            await self._fatal(writer, Forbidden(f"uid {uid} may not use this socket"), reader)
-            return
-        conn = Connection(self, reader, writer, pid, uid)
-        self.connections.add(writer)
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(writer)
-            await conn.shutdown()
 
-    async def _fatal(self, writer: asyncio.StreamWriter, err: KanbanError,
-                     reader: asyncio.StreamReader | None = None) -> None:
-        """Tell the client what was wrong (as an `error` notification), then close.
-        With `reader`, swallow what the client is still sending (bounded, 1 s):
-        closing a Unix socket with unread input resets the peer, which would
-        then lose the error we just sent."""
-        try:
-            writer.write(pack([NOTIFY, "error", [err.to_wire()]]))
-            await asyncio.wait_for(writer.drain(), 1.0)
-            if reader is not None:
-                writer.write_eof()
-                await asyncio.wait_for(_discard(reader, 64 * 1024 * 1024), 1.0)
-        except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError):
-            pass
-        writer.close()
+class Connection(asyncio.Protocol):
+    """One client connection, served straight from `data_received`.
 
+    Every whole request of one read is handled in that callback. When a read
+    holds several requests that only touch the board (`Method.batch`), their
+    writes share one transaction -- a group commit -- and their answers are
+    sent once it is durable. A client that sends faster than it reads stops
+    being read while its unsent answers exceed WRITE_HIGH_WATER."""
 
-class Connection:
-    def __init__(self, server: RpcServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, pid: int, uid: int) -> None:
+    def __init__(self, server: RpcServer) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
-        self.pid = pid
-        self.uid = uid
+        self.transport: asyncio.Transport | None = None
+        self.pid, self.uid = 0, -1
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
         self.on_close: list[Callable[[], None]] = []
-
-    async def run(self) -> None:
-        cap = self.server.max_buffer
-        unp = unpacker(cap)
-        fed = 0  # bytes fed so far
-        boundary = 0  # where the last whole message ended (the Unpacker parses
+        self._unpacker = unpacker(server.max_buffer)
+        self._fed = 0  # bytes fed so far
+        self._boundary = 0  # where the last whole message ended (the Unpacker parses
         # partial messages as bytes arrive, so count what is owed since then)
-        while not self.closed:
-            try:
-                data = await self.reader.read(256 * 1024)
-            except (ConnectionError, OSError):
-                return
-            if not data:
-                return
-            fed += len(data)
-            try:
-                if fed - boundary > cap:  # one message may not exceed the cap
-                    raise msgpack.BufferFull
-                unp.feed(data)
-            except msgpack.BufferFull:
-                log.warning("rpc_input_too_large", peer_pid=self.pid, limit=cap)
-                await self.server._fatal(self.writer, TooLarge(
-                    f"input exceeds the per-connection buffer of {cap} bytes"), self.reader)
-                return
-            handled = 0
-            while True:
-                try:
-                    msg = next(unp)
-                except StopIteration:
-                    break
-                except Exception as e:  # garbage: FormatError, StackError, bad UTF-8, ...
-                    log.warning("rpc_bad_frame", peer_pid=self.pid, error=str(e)[:200])
-                    await self.server._fatal(self.writer, InvalidArgument(
-                        f"malformed msgpack input: {type(e).__name__}: {str(e)[:200]}"),
-                        self.reader)
-                    return
-                boundary = unp.tell()
-                if not await self.accept(msg):
-                    return
-                handled += 1
-                # A client that pipelines and never reads must not fill our memory
-                # or hold the loop: wait for its answers to drain, let others in.
-                if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                    try:
-                        await self.writer.drain()
-                    except (ConnectionError, OSError):
-                        return
-                elif handled % 64 == 0:
-                    await asyncio.sleep(0)
-            try:
-                await self.writer.drain()  # a client that does not read stops being read
-            except (ConnectionError, OSError):
-                return
+        self._discarding = 0  # > 0 after a fatal error: input swallowed, then close
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._batch_out: list[tuple[int, Any, Any, bool]] | None = None
+        self._backlog: list[Any] = []  # whole requests not handled yet
+        self._pump_scheduled = False
 
-    async def accept(self, msg: Any) -> bool:
+    # -- asyncio.Protocol ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        try:
+            self.pid, self.uid, gid = peer_credentials(sock)
+        except OSError:
+            gid = -1
+        self.server.connections.add(self)
+        if not self.server.admit(self.pid, self.uid, gid):
+            log.warning("rpc_client_refused", peer_pid=self.pid, peer_uid=self.uid,
+                        peer_gid=gid)
+            self.fatal(Forbidden(f"uid {self.uid} may not use this socket"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            self._discarding -= min(self._discarding, len(data))
+            if not self._discarding:
+                self.close()
+            return
+        if self.closed:
+            return
+        cap = self.server.max_buffer
+        self._fed += len(data)
+        try:
+            if self._fed - self._boundary > cap:  # one message may not exceed the cap
+                raise msgpack.BufferFull
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            log.warning("rpc_input_too_large", peer_pid=self.pid, limit=cap)
+            self.fatal(TooLarge(f"input exceeds the per-connection buffer of {cap} bytes"))
+            return
+        msgs: list[Any] = []
+        while True:
+            try:
+                msgs.append(next(self._unpacker))
+            except StopIteration:
+                break
+            except Exception as e:  # garbage: FormatError, StackError, bad UTF-8, ...
+                self._handle_all(msgs)
+                log.warning("rpc_bad_frame", peer_pid=self.pid, error=str(e)[:200])
+                self.fatal(InvalidArgument(
+                    f"malformed msgpack input: {type(e).__name__}: {str(e)[:200]}"))
+                return
+            self._boundary = self._unpacker.tell()
+        self._handle_all(msgs)
+
+    def eof_received(self) -> bool:
+        return False  # the client is done sending: close once our answers are out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for fn in self.on_close:
+            fn()
+        for t in list(self.tasks):
+            t.cancel()
+        self._wake_drainers()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()  # a client that does not read stops being read
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drainers()
+        if self.transport is not None and not self.transport.is_closing():
+            self._pump()  # handles the backlog, then reads again
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the unsent output is below the high-water mark."""
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        if not self._write_paused:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(fut)
+        await fut
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # flushes what is buffered, then closes
+
+    def fatal(self, err: KanbanError) -> None:
+        """Tell the client what was wrong (as an `error` notification), then close.
+        Input still arriving is swallowed first (bounded: 64 MiB or 1 s): closing a
+        Unix socket with unread input resets the peer, which would then lose the
+        error we just sent."""
+        assert self.transport is not None
+        self.closed = True
+        self._discarding = 64 * 1024 * 1024
+        try:
+            self.transport.write(pack([NOTIFY, "error", [err.to_wire()]]))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        except (OSError, RuntimeError):
+            pass
+        self.transport.resume_reading()
+        asyncio.get_running_loop().call_later(1.0, self.close)
+
+    # -- requests ------------------------------------------------------------------
+    def _handle_all(self, msgs: list[Any]) -> None:
+        self._backlog.extend(msgs)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Handle queued requests: at most PUMP_BUDGET per loop step (others get
+        their turn), and none while the client is not reading its answers."""
+        self._pump_scheduled = False
+        q = self._backlog
+        budget = PUMP_BUDGET
+        while q and budget > 0 and not self.closed and not self._write_paused:
+            # A run of batchable requests shares one transaction (group commit).
+            n = 0
+            while n < min(len(q), budget) and _batchable(q[n]):
+                n += 1
+            if n:
+                budget -= self._run_batch(q, n)
+                continue
+            budget -= 1
+            if not self.accept(q.pop(0)):
+                q.clear()
+                return
+        if self.closed or self.transport is None:
+            q.clear()
+            return
+        if q:
+            self.transport.pause_reading()
+            if not self._write_paused and not self._pump_scheduled:
+                self._pump_scheduled = True
+                asyncio.get_running_loop().call_soon(self._pump)
+        elif not self._write_paused:
+            self.transport.resume_reading()
+
+    def _run_batch(self, q: list[Any], n: int) -> int:
+        """Handle up to `n` batchable requests from the front of `q` in one
+        transaction; stops early once the answers reach WRITE_HIGH_WATER bytes.
+        Returns how many it took."""
+        store = self.server.board.store
+        out: list[tuple[int, Any, Any, bool]] = []
+        self._batch_out = out
+        size = taken = 0
+        try:
+            with store.batch() as b:
+                while taken < n and size < WRITE_HIGH_WATER:
+                    msg = q.pop(0)
+                    taken += 1
+                    before, k = b.writes, len(out)
+                    self.accept(msg)
+                    if len(out) > k:
+                        msgid, err, res, _ = out[-1]
+                        data = pack([RESPONSE, msgid, err, res])
+                        size += len(data)
+                        out[-1] = (msgid, err, data, b.writes != before)
+        except KanbanError as e:  # the group commit failed: no write of it is durable
+            log.error("rpc_group_commit_failed", peer_pid=self.pid, error=e.message)
+            out = [(m, e.to_wire(), pack([RESPONSE, m, e.to_wire(), None]), True) if wrote
+                   else (m, err, data, wrote) for m, err, data, wrote in out]
+        finally:
+            self._batch_out = None
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(data for _, _, data, _ in out))
+        return taken
+
+    def accept(self, msg: Any) -> bool:
         """Handle one frame; False closes the connection."""
         if isinstance(msg, list) and len(msg) == 3 and msg[0] == NOTIFY:
             return True  # client notifications carry nothing we act on
         if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == REQUEST):
-            await self.server._fatal(self.writer, InvalidArgument(
-                "expected a request [0, msgid, method, [params]]"), self.reader)
+            self.fatal(InvalidArgument("expected a request [0, msgid, method, [params]]"))
             return False
         _, msgid, method, params = msg
         if isinstance(msgid, bool) or not isinstance(msgid, int) or not 0 <= msgid < 2 ** 32:
-            await self.server._fatal(self.writer, InvalidArgument(
-                "msgid must be an unsigned 32-bit integer"), self.reader)
+            self.fatal(InvalidArgument("msgid must be an unsigned 32-bit integer"))
             return False
         try:
             result = self.call(method, params)
@@ -315,32 +425,21 @@ class Connection:
                          None)
 
     def respond(self, msgid: int, error: Any, result: Any) -> None:
-        if self.closed or self.writer.is_closing():
+        if self._batch_out is not None:
+            self._batch_out.append((msgid, error, result, False))
             return
-        self.writer.write(pack([RESPONSE, msgid, error, result]))
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(pack([RESPONSE, msgid, error, result]))
 
     def notify(self, method: str, params: Any) -> None:
-        if not self.closed and not self.writer.is_closing():
-            self.writer.write(pack([NOTIFY, method, [params]]))
-
-    async def shutdown(self) -> None:
-        self.closed = True
-        for fn in self.on_close:
-            fn()
-        for t in list(self.tasks):
-            t.cancel()
-        try:
-            self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
-        except (OSError, ConnectionError, asyncio.TimeoutError):
-            pass
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(pack([NOTIFY, method, [params]]))
 
 
-
-async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
-    seen = 0
-    while seen < limit:
-        chunk = await reader.read(256 * 1024)
-        if not chunk:
-            return
-        seen += len(chunk)
+def _batchable(msg: Any) -> bool:
+    if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == REQUEST
+            and isinstance(msg[2], str)):
+        return False
+    m = METHODS.get(msg[2])
+    return m is not None and m.batch

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -140,6 +142,7 @@ RUN_FIELDS = (
     "id", "task_id", "profile", "claimer", "outcome", "started_at", "ended_at", "summary",
     "error", "metadata", "worker_pid", "exit_code", "signal")
 
+_TASK_COLUMNS = (*TASK_FIELDS, "worker_pid", "lease_expires", "last_heartbeat_at")
 _TASK_SELECT = (
     "SELECT " + ", ".join(f"t.{f}" for f in TASK_FIELDS)
     + ", r.worker_pid AS worker_pid, r.lease_expires AS lease_expires,"
@@ -159,6 +162,51 @@ def _first_line(text: str | None, limit: int = 400) -> str | None:
     return text.strip().splitlines()[0][:limit] if text.strip() else ""
 
 
+AUTOCHECKPOINT_FALLBACK = 16384  # pages (64 MiB of WAL) before a commit checkpoints inline
+
+
+class _Checkpointer(threading.Thread):
+    """See Store.start_checkpointer."""
+
+    def __init__(self, path: str, delay: float) -> None:
+        super().__init__(name="kanband-checkpoint", daemon=True)
+        self.path = path
+        self.delay = delay
+        self.due = threading.Event()
+        self.stopping = False
+        self.failures = 0
+
+    def run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout=0")
+            while not self.stopping:
+                self.due.wait()
+                if self.stopping:
+                    return
+                time.sleep(self.delay)  # let a burst of writes finish first
+                self.due.clear()
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    self.failures += 1  # the next write retries; the inline fallback remains
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.due.set()
+        self.join(5.0)
+
+
+class Batch:
+    """State of one group commit (see Store.batch)."""
+
+    def __init__(self) -> None:
+        self.writes = 0  # operations whose savepoint was released
+        self.failed: str | None = None  # set when SQLite dropped the transaction
+
+
 class Store:
     """The board in SQLite. Not thread-safe: kanband calls it from one thread."""
 
@@ -166,6 +214,9 @@ class Store:
         self.path = str(path)
         self._listeners: list[Callable[[list[Event]], None]] = []
         self._pending: list[Event] = []
+        self._batch: Batch | None = None
+        self._ckpt: _Checkpointer | None = None
+        self.writes = 0  # committed write transactions (a batch counts its operations)
         self._db = self._open(durability)
 
     # -- setup -------------------------------------------------------------
@@ -234,7 +285,32 @@ class Store:
         return {"path": target, "bytes": os.path.getsize(target),
                 "tasks": sum(self.counts_by_status().values()), "event_head": self.event_head()}
 
+    # -- checkpoints ---------------------------------------------------------
+    def start_checkpointer(self, delay: float = 0.2) -> None:
+        """Move WAL checkpoints off the calling thread.
+
+        A checkpoint copies the WAL back into the database and, with
+        synchronous=NORMAL, is where SQLite fsyncs. Run inline (SQLite's
+        autocheckpoint, every 1000 pages) it stalls whichever commit crosses the
+        threshold -- on this daemon, the event loop. Here a thread with its own
+        connection runs a PASSIVE checkpoint `delay` seconds after writes, which
+        never blocks the writer. The inline autocheckpoint stays on at a much
+        higher threshold, in case this thread cannot keep up or has failed."""
+        if self._ckpt is not None:
+            return
+        self._db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_FALLBACK}")
+        self._ckpt = _Checkpointer(self.path, delay)
+        self._ckpt.start()
+
+    def _wrote(self) -> None:
+        ck = self._ckpt
+        if ck is not None and not ck.due.is_set():
+            ck.due.set()
+
     def close(self) -> None:
+        if self._ckpt is not None:
+            self._ckpt.stop()
+            self._ckpt = None
         try:
             self._db.execute("PRAGMA optimize")
         except sqlite3.Error:
@@ -247,7 +323,12 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction. A storage failure (disk full, I/O error) rolls back and
-        becomes `unavailable`: the client gets a clear error, nothing half-done."""
+        becomes `unavailable`: the client gets a clear error, nothing half-done.
+        Inside `batch()` it is a savepoint of the batch's one transaction."""
+        if self._batch is not None:
+            with self._savepoint(self._batch):
+                yield self._db
+            return
         self._pending = []
         try:
             self._db.execute("BEGIN IMMEDIATE")
@@ -265,10 +346,86 @@ class Store:
         except BaseException:
             self._pending = []
             raise
+        self.writes += 1
+        self._wrote()
+        self._publish()
+
+    def _publish(self) -> None:
         events, self._pending = self._pending, []
         if events:
             for fn in self._listeners:
                 fn(events)
+
+    @contextmanager
+    def _savepoint(self, b: "Batch") -> Iterator[None]:
+        if b.failed:
+            raise Unavailable(f"the board could not be written: {b.failed} "
+                              f"(database {self.path})")
+        mark = len(self._pending)
+        try:
+            if not self._db.in_transaction:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("SAVEPOINT op")
+            try:
+                yield
+                self._db.execute("RELEASE op")
+            except BaseException:
+                del self._pending[mark:]
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK TO op")
+                    self._db.execute("RELEASE op")
+                elif b.writes:  # SQLite rolled the whole transaction back (I/O error)
+                    b.failed = "the transaction was rolled back"
+                raise
+        except sqlite3.OperationalError as e:
+            if not self._db.in_transaction and b.writes:
+                b.failed = str(e)
+            raise Unavailable(f"the board could not be written: {e} "
+                              f"(database {self.path})") from None
+        b.writes += 1
+
+    @contextmanager
+    def batch(self) -> Iterator["Batch"]:
+        """Group commit: every `_tx` inside becomes a savepoint of one transaction,
+        committed (and its events published) at the end. Reads inside share that
+        transaction too: one snapshot, and one round of file locking instead of
+        one per statement. An operation that fails
+        rolls back alone; if the final commit fails, every write of the batch is
+        lost and this raises `unavailable` -- callers must not have told anyone
+        the writes succeeded (`b.writes` counts them)."""
+        if self._batch is not None:
+            raise RuntimeError("batches do not nest")
+        try:
+            self._db.execute("BEGIN")  # deferred: reads share one snapshot and one lock
+        except sqlite3.OperationalError as e:
+            raise Unavailable(f"the board could not be read: {e} "
+                              f"(database {self.path})") from None
+        b = self._batch = Batch()
+        self._pending = []
+        try:
+            yield b
+        except BaseException:
+            self._batch = None
+            self._pending = []
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        self._batch = None
+        try:
+            if b.failed:
+                raise sqlite3.OperationalError(b.failed)
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self._pending = []
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise Unavailable(f"the board could not be written: {e} "
+                              f"(database {self.path})") from None
+        self.writes += b.writes
+        if b.writes:
+            self._wrote()
+        self._publish()
 
     # -- helpers -----------------------------------------------------------
     def _emit(self, task_id: str | None, kind: str, payload: dict[str, Any], now: float,
@@ -411,8 +568,11 @@ class Store:
     def event_head(self) -> int:
         return self._db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
 
-    def runs(self, task_id: str, last: int | None = None) -> list[dict[str, Any]]:
-        self._task_row(task_id)
+    def runs(self, task_id: str, last: int | None = None,
+             check: bool = True) -> list[dict[str, Any]]:
+        """A task's runs; `check=False` when the caller already loaded the task."""
+        if check:
+            self._task_row(task_id)
         rows = self._db.execute(
             "SELECT * FROM runs WHERE task_id = ? ORDER BY started_at DESC, rowid DESC"
             + (f" LIMIT {int(last)}" if last else ""), (task_id,)).fetchall()
@@ -638,9 +798,14 @@ class Store:
                 db.execute("INSERT INTO task_links(parent_id, child_id) VALUES (?, ?)",
                            (p, task_id))
             self._emit(task_id, "created", {"assignee": fields.get("assignee"),
-                                            "status": status, "parents": list(dict.fromkeys(parents)),
+                                            "status": status,
+                                            "parents": list(dict.fromkeys(parents)),
                                             "tenant": fields.get("tenant")}, now)
-            return self.get_task(task_id), True
+            # The new row, as _task_row would read it (no run yet): no re-select.
+            task = dict.fromkeys(_TASK_COLUMNS)
+            task.update(row, id=task_id, consecutive_failures=0,
+                        skills=list(fields.get("skills") or []))
+            return task, True
 
     def _by_idempotency_key(self, key: str) -> dict[str, Any] | None:
         row = self._db.execute(_TASK_SELECT + " WHERE t.idempotency_key = ? AND"

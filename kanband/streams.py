@@ -126,7 +126,7 @@ class EventBus:
                                               f"resubscribe with since={sub.cursor}"})
         if sub.task is not None:
             sub.task.cancel()
-        sub.conn.writer.transport.close()  # flushes the notice if the socket takes it
+        sub.conn.close()  # flushes the notice if the socket takes it
 
     # -- RPC -----------------------------------------------------------------------
     def subscribe(self, p: Params, caller: Caller, conn: Any) -> dict[str, Any]:
@@ -178,7 +178,7 @@ class EventBus:
                     break
                 for e in batch:
                     self._send(sub, e)
-                await sub.conn.writer.drain()
+                await sub.conn.drain()
             sub.cursor = max(sub.cursor, head)
             sub.live = True
             sub.conn.notify("live", {"subscription": sub.id, "cursor": sub.cursor})
@@ -189,7 +189,7 @@ class EventBus:
                     continue  # already replayed
                 self._send(sub, e)
                 if sub.queue.empty():
-                    await sub.conn.writer.drain()
+                    await sub.conn.drain()
         except (ConnectionError, OSError):
             self.unsubscribe_sub(sub)
 

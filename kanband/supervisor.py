@@ -164,11 +164,11 @@ class Supervisor:
                         "reason": self.waiting_reason(t, now, slots)})
         return out
 
-    def waiting_reason(self, task: dict[str, Any], now: float,
-                       slots: Slots | None = None) -> str | None:
+    def waiting_reason(self, task: dict[str, Any], now: float, slots: Slots | None = None,
+                       busy: set[str] | None = None) -> str | None:
         return waiting_reason(task, now=now, slots=slots or self.slots(), paused=self.paused,
                               unfinished_parents=self.store.unfinished_parents,
-                              busy=self.busy_tasks())
+                              busy=self.busy_tasks() if busy is None else busy)
 
     def _arm_backoff_timer(self, now: float) -> None:
         """Wake when the earliest backoff of a dispatchable task ends."""

@@ -29,14 +29,19 @@ def parse_spec(spec: str | None) -> tuple[str, str | None]:
     raise InvalidArgument(f"workspace: expected scratch, dir:PATH or worktree[:REPO], got {spec!r}")
 
 
-def path_for(task: dict[str, Any], workspaces_root: Path) -> Path:
+def path_for(task: dict[str, Any], workspaces_root: Path | str) -> Path:
     """Where a task's worker runs."""
+    return Path(path_str(task, str(workspaces_root)))
+
+
+def path_str(task: dict[str, Any], workspaces_root: str) -> str:
+    """path_for as a string, without building Path objects (task_out calls it per row)."""
     kind, path = task["workspace_kind"], task["workspace_path"]
     if kind == "dir":
-        return Path(path)
+        return path
     if kind == "worktree":
-        return Path(path) / ".worktrees" / task["id"]
-    return workspaces_root / task["id"]
+        return f"{path}/.worktrees/{task['id']}"
+    return f"{workspaces_root}/{task['id']}"
 
 
 def prepare(task: dict[str, Any], workspaces_root: Path) -> Path:
