@@ -428,7 +428,7 @@ class Board:
             for n in names]}
 
     # -- supervision verbs ---------------------------------------------------
-    def dispatch(self, p: Params, caller: Caller) -> dict[str, Any]:
+    def dispatch(self, p: Params, caller: Caller) -> Any:
         dry_run = p.bool("dry_run")
         max_spawn = p.int("max", minimum=0)
         failure_limit = p.int("failure_limit", minimum=1)
@@ -436,8 +436,16 @@ class Board:
         self.check_scope("board.dispatch", caller)
         if self.supervisor is None:
             raise Conflict("supervision is not running")
-        return self.supervisor.dispatch(dry_run=dry_run, max_spawn=max_spawn,
-                                        failure_limit=failure_limit)
+        starts: list[Any] = []
+        report = self.supervisor.dispatch(dry_run=dry_run, max_spawn=max_spawn,
+                                          failure_limit=failure_limit, pending=starts)
+        if not starts:
+            return report
+
+        async def spawned() -> dict[str, Any]:  # answer with the pids (or errors)
+            await self.supervisor.finish_starts(starts)
+            return report
+        return spawned()
 
     def pause(self, p: Params, caller: Caller) -> dict[str, Any]:
         p.done()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
+import time
 from typing import Any
 
 BODY_CAP = 8 * 1024
@@ -24,7 +24,7 @@ def _cap(text: str | None, limit: int) -> str:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
 
 
 def render(store: Any, task: dict[str, Any], workspace: str) -> str:

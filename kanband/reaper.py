@@ -101,8 +101,7 @@ def children_of(pid: int | str = "self") -> list[int]:
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    out.extend(int(x) for x in f.read().split())
+                out.extend(int(x) for x in _read_proc(f"/proc/{pid}/task/{tid}/children").split())
             except (FileNotFoundError, ProcessLookupError):
                 continue
     except FileNotFoundError:
@@ -126,11 +125,34 @@ def descendants_of(pid: int) -> list[int]:
     return seen
 
 
-def proc_start_time(pid: int) -> float | None:
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _read_proc(path: str) -> bytes:
+    """A small /proc file in three syscalls (open() would add fstat, ioctl, lseek)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        chunks = [os.read(fd, 65536)]
+        while len(chunks[-1]) == 65536:  # a long children list
+            chunks.append(os.read(fd, 65536))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+_BOOT_TIME: float | None = None
+
+
+def proc_start_time(pid: int) -> float | None:
+    """When the process started, as psutil's create_time() computes it (boot time
+    + starttime from /proc/<pid>/stat), without building a psutil.Process."""
+    global _BOOT_TIME
+    try:
+        stat = _read_proc(f"/proc/{pid}/stat")
+        ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
+    if _BOOT_TIME is None:
+        _BOOT_TIME = psutil.boot_time()
+    return ticks / _CLOCK_TICKS + _BOOT_TIME
 
 
 def same_process(pid: int, start_time: float | None) -> bool:
@@ -204,9 +226,12 @@ class Reaper:
         loop.add_signal_handler(signal.SIGCHLD, self.reap_all)
 
     # -- spawning ----------------------------------------------------------------
-    def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
-              run_dir: Path, header: str = "") -> tuple[subprocess.Popen[bytes], int]:
-        """Start the worker; raises OSError with a reason on failure."""
+    @staticmethod
+    def open_log(argv: list[str], env: dict[str, str], log_path: Path,
+                 header: str = "") -> tuple[int, int]:
+        """Check the command exists, open the task log for appending and write the
+        run's header line. Returns (fd, offset of the run's output). File work
+        only: safe to call from a thread. Raises OSError with a reason."""
         exe = argv[0]
         found = shutil.which(exe, path=env.get("PATH")) if "/" not in exe else (
             exe if os.access(exe, os.X_OK) and os.path.isfile(exe) else None)
@@ -217,15 +242,21 @@ class Reaper:
         try:
             if header:
                 os.write(fd, header.encode("utf-8", "replace"))
-            offset = os.fstat(fd).st_size
-            p = subprocess.Popen(["/bin/sh", "-c", SHIM, "kanband-worker",
-                                  str(run_dir / EXIT_FILE), *argv],
-                                 cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=fd,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 close_fds=True)
-        finally:
+            return fd, os.fstat(fd).st_size
+        except OSError:
             os.close(fd)
-        return p, offset
+            raise
+
+    def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], log_fd: int,
+              run_dir: Path) -> subprocess.Popen[bytes]:
+        """Start the worker (output to `log_fd`, which the caller closes) in its own
+        session, under the exit-status shim. On the loop thread only: a child
+        must be tracked before reap_all can see it exit."""
+        return subprocess.Popen(["/bin/sh", "-c", SHIM, "kanband-worker",
+                                 str(run_dir / EXIT_FILE), *argv],
+                                cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                close_fds=True)
 
     async def run_command(self, argv: list[str], *, stdin: bytes, log_path: Path,
                           timeout: float, env: dict[str, str] | None = None) -> int:

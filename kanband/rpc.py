@@ -187,14 +187,15 @@ class Connection(asyncio.Protocol):
         self._discarding = 0  # > 0 after a fatal error: input swallowed, then close
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._batch_out: list[tuple[int, Any, Any, bool]] | None = None
+        self._batch_out: list[bytes] | None = None  # answers held until the commit
+        self._batch_ids: list[int] = []
+        self._fatal_pending: KanbanError | None = None
         self._backlog: list[Any] = []  # whole requests not handled yet
         self._pump_scheduled = False
 
     # -- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         sock = transport.get_extra_info("socket")
         try:
@@ -291,6 +292,9 @@ class Connection(asyncio.Protocol):
         Unix socket with unread input resets the peer, which would then lose the
         error we just sent."""
         assert self.transport is not None
+        if self._batch_out is not None:  # inside a batch: answer the frames before it first
+            self._fatal_pending = err
+            return
         self.closed = True
         self._discarding = 64 * 1024 * 1024
         try:
@@ -338,32 +342,36 @@ class Connection(asyncio.Protocol):
 
     def _run_batch(self, q: list[Any], n: int) -> int:
         """Handle up to `n` batchable requests from the front of `q` in one
-        transaction; stops early once the answers reach WRITE_HIGH_WATER bytes.
-        Returns how many it took."""
+        transaction; stops early once the answers reach WRITE_HIGH_WATER bytes,
+        or at a frame that ends the connection. Returns how many it took."""
         store = self.server.board.store
-        out: list[tuple[int, Any, Any, bool]] = []
+        out: list[bytes] = []
         self._batch_out = out
-        size = taken = 0
+        taken = size = 0
         try:
-            with store.batch() as b:
-                while taken < n and size < WRITE_HIGH_WATER:
-                    msg = q.pop(0)
+            with store.batch():
+                while taken < n and size < WRITE_HIGH_WATER and self._fatal_pending is None:
                     taken += 1
-                    before, k = b.writes, len(out)
-                    self.accept(msg)
-                    if len(out) > k:
-                        msgid, err, res, _ = out[-1]
-                        data = pack([RESPONSE, msgid, err, res])
-                        size += len(data)
-                        out[-1] = (msgid, err, data, b.writes != before)
-        except KanbanError as e:  # the group commit failed: no write of it is durable
+                    k = len(out)
+                    self.accept(q.pop(0))
+                    size += sum(len(a) for a in out[k:])
+        except KanbanError as e:
+            if not taken:  # the batch could not even begin: handle one request alone
+                self._batch_out = None
+                self.accept(q.pop(0))
+                return 1
+            # The group commit failed: nothing of it is durable, and reads may have
+            # seen its writes. Every request of the batch gets the error.
             log.error("rpc_group_commit_failed", peer_pid=self.pid, error=e.message)
-            out = [(m, e.to_wire(), pack([RESPONSE, m, e.to_wire(), None]), True) if wrote
-                   else (m, err, data, wrote) for m, err, data, wrote in out]
+            out = [pack([RESPONSE, msgid, e.to_wire(), None]) for msgid in self._batch_ids]
         finally:
             self._batch_out = None
-        if not self.closed and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(data for _, _, data, _ in out))
+            self._batch_ids = []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+        if self._fatal_pending is not None:  # after the answers of the frames before it
+            err, self._fatal_pending = self._fatal_pending, None
+            self.fatal(err)
         return taken
 
     def accept(self, msg: Any) -> bool:
@@ -426,7 +434,8 @@ class Connection(asyncio.Protocol):
 
     def respond(self, msgid: int, error: Any, result: Any) -> None:
         if self._batch_out is not None:
-            self._batch_out.append((msgid, error, result, False))
+            self._batch_out.append(pack([RESPONSE, msgid, error, result]))
+            self._batch_ids.append(msgid)
             return
         if self.closed or self.transport is None or self.transport.is_closing():
             return

@@ -11,6 +11,8 @@ import asyncio
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ log = structlog.get_logger("kanband.supervisor")
 
 EXIT_RATE_LIMITED = 75
 STUCK_PASSES = 6  # passes in a row with dispatchable work and no spawn ...
+SPAWN_THREADS = 2  # threads that create a burst's run files while the loop serves
 STUCK_EVERY = 300.0  # ... before a dispatcher_stuck warning, at most this often
 
 
@@ -50,6 +53,10 @@ class Supervisor:
         self._stuck_passes = 0
         self._stuck_warned = 0.0
         self.unrecorded: dict[str, tuple[Worker, Any]] = {}  # outcomes the disk refused
+        self._exits: list[Worker] = []  # exited this loop step, outcome not yet written
+        self.starting: dict[str, _Start] = {}  # claimed runs whose files are being prepared
+        self._to_record: list[_Start] = []  # started this loop step, pid not yet written
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def claimer(self) -> str:
@@ -85,6 +92,8 @@ class Supervisor:
         s = Slots(self.config)
         for w in self.workers.values():
             s.take(w.profile.name)
+        for st in self.starting.values():
+            s.take(st.profile.name)
         return s
 
     def info(self) -> dict[str, Any]:
@@ -93,44 +102,62 @@ class Supervisor:
                 "workers": [w.as_dict() for w in self.workers.values()]}
 
     def dispatch(self, *, dry_run: bool = False, max_spawn: int | None = None,
-                 failure_limit: int | None = None) -> dict[str, Any]:
-        """One pass: start ready tasks in priority order while caps allow."""
+                 failure_limit: int | None = None,
+                 pending: list["_Start"] | None = None) -> dict[str, Any]:
+        """One pass: start ready tasks in priority order while caps allow.
+
+        Choose and claim every task in one transaction (the claims are durable
+        before any worker starts); then each start prepares its files -- inline
+        when it is the only one, on the spawn threads in a burst -- and its
+        worker is forked on the loop; the pids of the workers started in one
+        loop step are recorded in one transaction. `pending` receives the
+        starts, for callers that wait for them (see `finish_starts`)."""
         now = time.time()
         if not dry_run:
             self._end_superseded_lingerers()
-        slots = self.slots()
         spawned: list[dict[str, Any]] = []
-        seen: set[str] = set(self.busy_tasks())  # one live worker per task, ever
-        while max_spawn is None or len(spawned) < max_spawn:
-            profiles = slots.open_profiles()
-            batch = [t for t in self.store.dispatch_candidates(
-                profiles, now, slots.free_global() + len(seen)) if t["id"] not in seen]
-            if not batch:
-                break
-            progressed = False
-            for task in batch:
-                if max_spawn is not None and len(spawned) >= max_spawn:
+        starts: list[_Start] = []
+        with self.store.batch():
+            slots = self.slots()
+            seen: set[str] = set(self.busy_tasks())  # one live worker per task, ever
+            while max_spawn is None or len(spawned) < max_spawn:
+                profiles = slots.open_profiles()
+                batch = [t for t in self.store.dispatch_candidates(
+                    profiles, now, slots.free_global() + len(seen)) if t["id"] not in seen]
+                if not batch:
                     break
-                seen.add(task["id"])
-                if slots.full_reason(task["assignee"]) is not None:
-                    continue
-                slots.take(task["assignee"])
-                progressed = True
-                entry = {"task_id": task["id"], "profile": task["assignee"],
-                         "title": task["title"]}
-                if not dry_run:
-                    entry.update(self.spawn(task, failure_limit))
-                spawned.append(entry)
-            if not progressed:
-                break
+                progressed = False
+                for task in batch:
+                    if max_spawn is not None and len(spawned) >= max_spawn:
+                        break
+                    seen.add(task["id"])
+                    if slots.full_reason(task["assignee"]) is not None:
+                        continue
+                    if not dry_run:
+                        start = self._claim(task, failure_limit)
+                        if start is None:
+                            continue
+                        starts.append(start)
+                    slots.take(task["assignee"])
+                    progressed = True
+                    spawned.append({"task_id": task["id"], "profile": task["assignee"],
+                                    "title": task["title"]})
+                if not progressed:
+                    break
+            if not dry_run:
+                self._arm_backoff_timer(now)
+                self._check_stuck(now, bool(spawned))
+        for entry, st in zip(spawned, starts):
+            entry["run_id"] = st.run_id
+            st.entry = entry
+        self._begin_starts(starts)
+        if pending is not None:
+            pending.extend(starts)
         report: dict[str, Any] = {"dry_run": dry_run, "paused": self.paused,
                                   "spawned": spawned if not dry_run else [],
                                   "would_spawn": spawned if dry_run else []}
         if dry_run:
             report["waiting"] = self._waiting(now, slots, {e["task_id"] for e in spawned})
-        else:
-            self._arm_backoff_timer(now)
-            self._check_stuck(now, bool(spawned))
         return report
 
     def _check_stuck(self, now: float, spawned: bool) -> None:
@@ -182,57 +209,174 @@ class Supervisor:
                                                        self.wake)
 
     # -- spawning ------------------------------------------------------------------
-    def spawn(self, task: dict[str, Any], failure_limit: int | None = None) -> dict[str, Any]:
-        """Open a run and start its worker; a failure ends the run `spawn_failed`."""
+    def _claim(self, task: dict[str, Any], failure_limit: int | None) -> "_Start | None":
+        """Open the run (inside the dispatch pass's transaction) and gather what
+        the worker needs from the board; None if the claim was refused."""
         profile = self.config.profiles[task["assignee"]]
         token = new_token()
-        run = self.store.claim(task["id"], claimer=self.claimer, profile=profile.name,
-                               lease_ttl=None, token_hash=hash_token(token), now=time.time())
-        run_id = run["id"]
-        run_dir = self.paths.runs / run_id
-        log_path = self.paths.logs / f"{task['id']}.log"
         try:
-            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            ws = workspace.prepare(task, self.paths.workspaces)
-            ctx_file = run_dir / "context.md"
-            ctx_file.write_text(context.render(self.store, self.store.get_task(task["id"]), str(ws)))
-            script = run_dir / "script.sh"
-            script.write_text(task["body"])
+            run = self.store.claim(task["id"], claimer=self.claimer, profile=profile.name,
+                                   lease_ttl=None, token_hash=hash_token(token), now=time.time())
+        except KanbanError as e:
+            log.warning("claim_failed", task_id=task["id"], profile=profile.name,
+                        error=e.message)
+            return None
+        task = self.store.get_task(task["id"])
+        ws = workspace.path_for(task, self.paths.workspaces)
+        assert self.loop is not None
+        return _Start(task=task, profile=profile, run_id=run["id"], token=token,
+                      context=context.render(self.store, task, str(ws)),
+                      failure_limit=failure_limit, run_dir=self.paths.runs / run["id"],
+                      log_path=self.paths.logs / f"{task['id']}.log",
+                      done=self.loop.create_future())
+
+    def _begin_starts(self, starts: list["_Start"]) -> None:
+        """Prepare each start's files: inline for a lone start on an idle
+        dispatcher (lowest latency), otherwise on the spawn threads so the loop
+        keeps serving while the kernel creates files on the other core."""
+        assert self.loop is not None
+        inline = len(starts) == 1 and not self.starting
+        for st in starts:
+            self.starting[st.run_id] = st
+            if st.task["workspace_kind"] == "worktree":
+                self._prepare_worktree(st)  # runs git: its child must not race reap_all
+            if inline:
+                self._prepare(st)
+                self._prepared(st, fresh=True)
+            else:
+                fut = self.loop.run_in_executor(self._spawn_pool(), self._prepare, st)
+                fut.add_done_callback(lambda _f, st=st: self._prepared(st))
+
+    def _spawn_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="kanband-spawn")
+        return self._pool
+
+    def _prepare_worktree(self, st: "_Start") -> None:
+        try:
+            st.ws = workspace.prepare(st.task, self.paths.workspaces)
+        except OSError as e:
+            st.error = str(e)
+
+    def _prepare(self, st: "_Start") -> None:
+        """The file work of a start (run directory, workspace, context, script,
+        log). Touches no board state: it may run on a spawn thread."""
+        if st.error is not None:
+            return
+        task, profile, run_id = st.task, st.profile, st.run_id
+        try:
+            st.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ws = st.ws or workspace.prepare(task, self.paths.workspaces)
+            st.ws = ws
+            ctx_file = st.run_dir / "context.md"
+            _write(ctx_file, st.context)
+            script = st.run_dir / "script.sh"
+            _write(script, task["body"])
             values = {"task_id": task["id"], "run_id": run_id, "profile": profile.name,
                       "workspace": str(ws), "context_file": str(ctx_file), "script": str(script)}
-            argv = [part.format_map(values) for part in profile.command]
-            env = self.worker_env(task, run_id, token, ws, ctx_file, profile)
+            st.argv = [part.format_map(values) for part in profile.command]
+            st.env = self.worker_env(task, run_id, st.token, ws, ctx_file, profile)
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             header = (f"=== kanband: run {run_id} ({profile.name}) started at {stamp}: "
-                      f"{' '.join(argv)[:500]}\n")
-            popen, offset = self.reaper.spawn(argv, cwd=ws, env=env, log_path=log_path,
-                                              run_dir=run_dir, header=header)
+                      f"{' '.join(st.argv)[:500]}\n")
+            st.log_fd, st.log_offset = self.reaper.open_log(st.argv, st.env, st.log_path,
+                                                             header)
         except (OSError, ValueError, KeyError) as e:
-            error = str(e)
-            log.warning("spawn_failed", task_id=task["id"], run_id=run_id,
-                        profile=profile.name, error=error)
-            _log_note(log_path, f"spawn failed: {error}")
-            self.store.end_run(run_id, "spawn_failed", now=time.time(),
-                               failure_limit=failure_limit or self.config.failure_limit,
-                               backoff=self.config.backoff, error=error,
-                               payload={"error": error})
-            return {"run_id": run_id, "error": error}
-        start_time = proc_start_time(popen.pid)
-        w = Worker(run_id=run_id, task_id=task["id"], profile=profile, pid=popen.pid,
-                   start_time=start_time, started_mono=time.monotonic(), log_path=log_path,
-                   log_offset=offset, run_dir=run_dir, failure_limit=failure_limit, popen=popen)
-        self.workers[run_id] = w
+            st.error = str(e)
+
+    def _prepared(self, st: "_Start", fresh: bool = False) -> None:
+        """On the loop: fork the worker of a prepared start (unless its run was
+        closed meanwhile, or kanband is stopping), then queue its record.
+        `fresh`: prepared in the loop step that claimed it (nothing can have
+        closed the run since)."""
+        self.starting.pop(st.run_id, None)
         try:
-            self.store.record_spawn(run_id, popen.pid, start_time or 0.0, profile.name,
-                                    time.time(), log_offset=offset)
-        except Unavailable as e:  # supervised all the same; only re-adoption needs the pid
-            log.error("spawn_not_recorded", task_id=task["id"], run_id=run_id, pid=popen.pid,
-                      error=e.message)
-        log.info("worker_spawned", task_id=task["id"], run_id=run_id, pid=popen.pid,
+            if st.error is None:
+                if self.stopping:
+                    st.cancelled = "kanband shut down before the worker started"
+                elif not fresh and self.store.get_run(st.run_id)["outcome"] is not None:
+                    st.cancelled = "the run was closed before the worker started"
+                else:
+                    self._fork(st)
+        except Exception as e:  # never leave a claimed run without an outcome
+            log.exception("start_failed", task_id=st.task["id"], run_id=st.run_id)
+            st.error = st.error or f"{type(e).__name__}: {e}"
+        finally:
+            if st.log_fd is not None:
+                os.close(st.log_fd)
+                st.log_fd = None
+        if st.error is not None:
+            log.warning("spawn_failed", task_id=st.task["id"], run_id=st.run_id,
+                        profile=st.profile.name, error=st.error)
+            _log_note(st.log_path, f"spawn failed: {st.error}")
+        if st.entry is not None:
+            st.entry.update({"pid": st.worker.pid} if st.worker else
+                            {"error": st.error or st.cancelled})
+        self._to_record.append(st)
+        if len(self._to_record) == 1:
+            assert self.loop is not None
+            self.loop.call_soon(self._record_starts)
+
+    def _fork(self, st: "_Start") -> None:
+        assert st.log_fd is not None and st.ws is not None and st.env is not None
+        try:
+            popen = self.reaper.spawn(st.argv, cwd=st.ws, env=st.env, log_fd=st.log_fd,
+                                      run_dir=st.run_dir)
+        except (OSError, ValueError) as e:
+            st.error = str(e)
+            return
+        task, profile = st.task, st.profile
+        w = Worker(run_id=st.run_id, task_id=task["id"], profile=profile, pid=popen.pid,
+                   start_time=proc_start_time(popen.pid), started_mono=time.monotonic(),
+                   log_path=st.log_path, log_offset=st.log_offset, run_dir=st.run_dir,
+                   failure_limit=st.failure_limit, popen=popen)
+        st.worker = w
+        self.workers[st.run_id] = w
+        log.info("worker_spawned", task_id=task["id"], run_id=st.run_id, pid=popen.pid,
                  profile=profile.name)
         self._arm_timers(w, task, elapsed=0.0)
         self.reaper.track(w)
-        return {"run_id": run_id, "pid": popen.pid}
+
+    def _record_starts(self) -> None:
+        """One transaction for the starts of this loop step: the pid of every
+        started worker; `spawn_failed` or `interrupted` for the others. A daemon
+        that dies before this commits still finds the workers on restart (by
+        KANBAN_RUN_ID), and the shim's exit file tells how they ended."""
+        starts, self._to_record = self._to_record, []
+        now = time.time()
+        try:
+            with self.store.batch():
+                for st in starts:
+                    w = st.worker
+                    if w is not None:
+                        self.store.record_spawn(w.run_id, w.pid, w.start_time or 0.0,
+                                                w.profile.name, now, log_offset=w.log_offset)
+        except Unavailable as e:  # supervised all the same; only re-adoption needs the pid
+            log.error("spawn_not_recorded", runs=[st.run_id for st in starts], error=e.message)
+        for st in starts:
+            try:
+                if st.error is not None:
+                    self.store.end_run(st.run_id, "spawn_failed", now=now,
+                                       failure_limit=st.failure_limit or self.config.failure_limit,
+                                       backoff=self.config.backoff, error=st.error,
+                                       payload={"error": st.error})
+                elif st.cancelled and self.stopping and \
+                        self.store.get_run(st.run_id)["outcome"] is None:
+                    self.store.end_run(st.run_id, "interrupted", now=now,
+                                       failure_limit=st.failure_limit or self.config.failure_limit,
+                                       backoff=self.config.backoff, error=st.cancelled)
+            except KanbanError as e:
+                log.error("outcome_not_recorded", task_id=st.task["id"], run_id=st.run_id,
+                          error=e.message)
+            finally:
+                if not st.done.done():
+                    st.done.set_result(None)
+        self.wake()
+
+    async def finish_starts(self, starts: list["_Start"]) -> None:
+        """Wait until these starts have their worker (or their failure) recorded."""
+        if starts:
+            await asyncio.gather(*(st.done for st in starts))
 
     def worker_env(self, task: dict[str, Any], run_id: str, token: str, ws: Path,
                    ctx_file: Path, profile: Profile) -> dict[str, str]:
@@ -352,8 +496,11 @@ class Supervisor:
             delay, lambda: self._bg(self.stop(w, "exit_grace")))
 
     def busy_tasks(self) -> set[str]:
-        """Tasks that still have a live worker (e.g. one lingering in exit_grace)."""
-        return {w.task_id for w in self.workers.values()}
+        """Tasks that still have a live worker (e.g. one lingering in exit_grace),
+        or one being started."""
+        busy = {w.task_id for w in self.workers.values()}
+        busy.update(st.task["id"] for st in self.starting.values())
+        return busy
 
     def _run_active(self, w: Worker) -> bool:
         return self.store.get_run(w.run_id)["outcome"] is None
@@ -369,14 +516,41 @@ class Supervisor:
         log.info("worker_exited", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
                  profile=w.profile.name, exit_code=w.exit_code,
                  signal=w.signal, duration_s=round(time.monotonic() - w.started_mono, 3))
-        if w.stopping is None:
-            w.stopping = "exited"
+        if w.stopping is not None:
+            return
+        w.stopping = "exited"
+        if self.reaper.has_leftovers(w):  # leftovers of the tree: no orphan survives
             self._bg(self._after_exit(w))
+            return
+        # The usual case: record at the end of this loop step, together with the
+        # other exits reaped in it (one transaction for all of them).
+        self._exits.append(w)
+        if len(self._exits) == 1:
+            assert self.loop is not None
+            self.loop.call_soon(self._record_exits)
+
+    def _record_exits(self) -> None:
+        exits, self._exits = self._exits, []
+        try:
+            with self.store.batch():
+                for w in exits:
+                    self._classify(w)
+        except Unavailable as e:  # nothing of the batch is durable: retry each from the sweep
+            for w in exits:
+                log.error("outcome_not_recorded", task_id=w.task_id, run_id=w.run_id,
+                          error=e.message, retry="every sweep")
+                self.unrecorded[w.run_id] = (w, self._classify)
+        except Exception:
+            log.exception("outcome_recording_failed", runs=[w.run_id for w in exits])
+            for w in exits:
+                self.unrecorded[w.run_id] = (w, self._classify)
+        finally:
+            for w in exits:
+                self._finalize(w)
 
     async def _after_exit(self, w: Worker) -> None:
         try:
-            if self.reaper.has_leftovers(w):  # leftovers of the tree: no orphan survives
-                await self.reaper.kill_run(w, self.config.kill_grace)
+            await self.reaper.kill_run(w, self.config.kill_grace)
             self._record(w, self._classify)
         finally:
             self._finalize(w)
@@ -518,6 +692,14 @@ class Supervisor:
         self.stopping = True
         if self._backoff_timer is not None:
             self._backoff_timer.cancel()
+        # Starts in flight end `interrupted` without a worker (see _prepared).
+        pending = [st.done for st in self.starting.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=30.0)
+        if self._to_record:
+            self._record_starts()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         if self.config.on_stop == "keep":
             for w in list(self.workers.values()):
                 w.cancel_timers()
@@ -534,6 +716,40 @@ class Supervisor:
                                for w in list(self.workers.values())), return_exceptions=True)
         for t in list(self._tasks):
             t.cancel()
+
+
+@dataclass
+class _Start:
+    """A claimed run on its way to a worker (see Supervisor.dispatch)."""
+
+    task: dict[str, Any]
+    profile: Profile
+    run_id: str
+    token: str
+    context: str
+    failure_limit: int | None
+    run_dir: Path
+    log_path: Path
+    done: asyncio.Future[None]  # set once the start's record is written
+    ws: Path | None = None
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    log_fd: int | None = None
+    log_offset: int = 0
+    entry: dict[str, Any] | None = None  # the dispatch report's line for it
+    worker: Worker | None = None
+    error: str | None = None  # spawn_failed
+    cancelled: str | None = None  # not started: run closed, or kanband stopping
+
+
+def _write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
 
 
 def _with_tail(text: str, tail: str) -> str:
