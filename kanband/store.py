@@ -216,6 +216,10 @@ class Store:
         self._pending: list[Event] = []
         self._batch: Batch | None = None
         self._ckpt: _Checkpointer | None = None
+        # Called before every transaction begins: the supervisor writes the spawn
+        # records it holds back, so they always precede later changes of a run.
+        self.before_write: Callable[[], None] | None = None
+        self._hooking = False
         self.writes = 0  # committed write transactions (a batch counts its operations)
         self._db = self._open(durability)
 
@@ -329,6 +333,7 @@ class Store:
             with self._savepoint(self._batch):
                 yield self._db
             return
+        self._before_write()
         self._pending = []
         try:
             self._db.execute("BEGIN IMMEDIATE")
@@ -349,6 +354,17 @@ class Store:
         self.writes += 1
         self._wrote()
         self._publish()
+
+    def _before_write(self) -> None:
+        """Run the `before_write` hook (not re-entered from inside itself)."""
+        hook = self.before_write
+        if hook is None or self._hooking:
+            return
+        self._hooking = True
+        try:
+            hook()
+        finally:
+            self._hooking = False
 
     def _publish(self) -> None:
         events, self._pending = self._pending, []
@@ -395,6 +411,7 @@ class Store:
         the writes succeeded (`b.writes` counts them)."""
         if self._batch is not None:
             raise RuntimeError("batches do not nest")
+        self._before_write()
         try:
             self._db.execute("BEGIN")  # deferred: reads share one snapshot and one lock
         except sqlite3.OperationalError as e:

@@ -57,6 +57,7 @@ class Supervisor:
         self.starting: dict[str, _Start] = {}  # claimed runs whose files are being prepared
         self._to_record: list[_Start] = []  # started this loop step, pid not yet written
         self._pool: ThreadPoolExecutor | None = None
+        store.before_write = self._flush_starts
 
     @property
     def claimer(self) -> str:
@@ -343,6 +344,8 @@ class Supervisor:
         that dies before this commits still finds the workers on restart (by
         KANBAN_RUN_ID), and the shim's exit file tells how they ended."""
         starts, self._to_record = self._to_record, []
+        if not starts:
+            return
         now = time.time()
         try:
             with self.store.batch():
@@ -372,6 +375,12 @@ class Supervisor:
                 if not st.done.done():
                     st.done.set_result(None)
         self.wake()
+
+    def _flush_starts(self) -> None:
+        """Before any other write: a run's `spawned` record must come before
+        whatever ends it (an exit recorded, an operator's complete or archive)."""
+        if self._to_record:
+            self._record_starts()
 
     async def finish_starts(self, starts: list["_Start"]) -> None:
         """Wait until these starts have their worker (or their failure) recorded."""
