@@ -94,4 +94,5 @@ EVENT_KINDS = frozenset({
     "created", "promoted", "demoted", "assigned", "linked", "unlinked", "commented",
     "claimed", "spawned", "heartbeat", "completed", "blocked", "unblocked", "archived",
     "reclaimed", "crashed", "no_result", "timed_out", "stale", "spawn_failed",
-    "rate_limited", "gave_up", "interrupted", "lost", "adopted"})
+    "rate_limited", "gave_up", "interrupted", "lost", "adopted",
+    "schema_upgraded"})  # board-level (no task): keeps event ids unique across schema 3
