@@ -9,7 +9,6 @@ structlog or psutil here (a test enforces it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -66,6 +65,7 @@ class Ctx:
         return self.client.call(method, params)
 
     def out(self, doc: Any) -> None:
+        import json  # only for output and --metadata: kanbanctl stays light
         json.dump(doc, sys.stdout, indent=2, sort_keys=False, default=str)
         sys.stdout.write("\n")
 
@@ -127,6 +127,8 @@ def _positive(text: str) -> float:
 
 
 def _metadata(text: str) -> dict[str, Any]:
+    import json  # only for output and --metadata: kanbanctl stays light
+
     def no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
     try:
@@ -578,6 +580,7 @@ def _stream(ctx: Ctx, params: dict[str, Any], follow: bool = True) -> int:
     client.timeout = None
     if client._sock is not None:
         client._sock.settimeout(None)
+    import json  # only for output and --metadata: kanbanctl stays light
     sub = ctx.call("events.subscribe", **params)
     last = sub["since"]
     try:
