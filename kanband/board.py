@@ -196,7 +196,7 @@ class Board:
         tid = p.task_id()
         p.done()
         task = self.store.get_task(tid)
-        parents, children = self.store.parents(tid), self.store.children(tid)
+        parents, children = self.store.relatives(tid)
         out = self._tasks_out([task, *parents, *children])
         return {"task": out[0], "parents": out[1:1 + len(parents)],
                 "children": out[1 + len(parents):],

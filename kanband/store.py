@@ -171,11 +171,17 @@ RUN_FIELDS = (
     "error", "metadata", "worker_pid", "exit_code", "signal")
 
 _TASK_COLUMNS = (*TASK_FIELDS, "worker_pid", "lease_expires", "last_heartbeat_at")
-_TASK_SELECT = (
-    "SELECT " + ", ".join(f"t.{f}" for f in TASK_FIELDS)
+_TASK_COLS = (
+    ", ".join(f"t.{f}" for f in TASK_FIELDS)
     + ", r.worker_pid AS worker_pid, r.lease_expires AS lease_expires,"
-    " r.last_heartbeat_at AS last_heartbeat_at"
-    " FROM tasks t LEFT JOIN runs r ON r.id = t.current_run_id AND r.outcome IS NULL")
+    " r.last_heartbeat_at AS last_heartbeat_at")
+_RUN_JOIN = " LEFT JOIN runs r ON r.id = t.current_run_id AND r.outcome IS NULL"
+_TASK_SELECT = "SELECT " + _TASK_COLS + " FROM tasks t" + _RUN_JOIN
+_RELATIVES = (
+    "SELECT " + _TASK_COLS + ", 0 AS side FROM task_links l JOIN tasks t ON t.id = l.parent_id"
+    + _RUN_JOIN + " WHERE l.child_id = ? UNION ALL"
+    " SELECT " + _TASK_COLS + ", 1 AS side FROM task_links l JOIN tasks t ON t.id = l.child_id"
+    + _RUN_JOIN + " WHERE l.parent_id = ? ORDER BY side, created_at")
 
 Event = dict[str, Any]
 
@@ -571,6 +577,14 @@ class Store:
             _TASK_SELECT + " JOIN task_links l ON l.child_id = t.id WHERE l.parent_id = ?"
             " ORDER BY t.created_at", (task_id,))]
 
+    def relatives(self, task_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(parents, children) of a task in one query, each ordered by created_at."""
+        parents: list[dict[str, Any]] = []
+        children: list[dict[str, Any]] = []
+        for r in self._db.execute(_RELATIVES, (task_id, task_id)):
+            (children if r["side"] else parents).append(_task(r, drop=("side",)))
+        return parents, children
+
     def unfinished_parents(self, task_id: str) -> list[str]:
         return self._unfinished_parents(task_id)
 
@@ -610,7 +624,7 @@ class Store:
                + join + " WHERE " + " AND ".join(where) + " ORDER BY e.id")
         if limit:
             sql += f" LIMIT {int(limit)}"
-        return [_event(r) for r in self._db.execute(sql, args)]
+        return _events(self._db.execute(sql, args).fetchall())
 
     def event_head(self) -> int:
         return self._db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
@@ -827,7 +841,7 @@ class Store:
             status = states.TRIAGE if triage else (states.TODO if unfinished else states.READY)
             assert states.allowed("create", states.NEW, status)
             row = {**fields, "status": status, "created_at": now,
-                   "skills": json.dumps(fields.get("skills") or [])}
+                   "skills": json.dumps(fields["skills"]) if fields.get("skills") else "[]"}
             cols = ", ".join(row)
             for _ in range(8):
                 task_id = new_id("t_")
@@ -1080,9 +1094,12 @@ class Store:
         return expired
 
 
-def _task(row: sqlite3.Row) -> dict[str, Any]:
+def _task(row: sqlite3.Row, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     d = dict(row)
-    d["skills"] = json.loads(d["skills"]) if d.get("skills") else []
+    for k in drop:
+        del d[k]
+    skills = d.get("skills")
+    d["skills"] = json.loads(skills) if skills and skills != "[]" else []
     return d
 
 
@@ -1094,7 +1111,11 @@ def _run(row: sqlite3.Row, internal: bool = False) -> dict[str, Any]:
     return {k: d[k] for k in RUN_FIELDS}
 
 
-def _event(row: sqlite3.Row) -> Event:
-    d = dict(row)
-    d["payload"] = json.loads(d["payload"]) if d["payload"] else {}
-    return d
+def _events(rows: list[sqlite3.Row]) -> list[Event]:
+    """Rows of (id, task_id, run_id, kind, payload, created_at) as events; all
+    payloads are decoded by one json.loads (they are JSON objects we wrote)."""
+    if not rows:
+        return []
+    payloads = json.loads("[" + ",".join(r[4] or "{}" for r in rows) + "]")
+    return [{"id": r[0], "task_id": r[1], "run_id": r[2], "kind": r[3], "payload": p,
+             "created_at": r[5]} for r, p in zip(rows, payloads)]

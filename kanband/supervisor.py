@@ -33,6 +33,7 @@ log = structlog.get_logger("kanband.supervisor")
 EXIT_RATE_LIMITED = 75
 STUCK_PASSES = 6  # passes in a row with dispatchable work and no spawn ...
 SPAWN_THREADS = 2  # threads that create a burst's run files while the loop serves
+INLINE_BELOW = 4  # live workers under which a lone start prepares its files inline
 STUCK_EVERY = 300.0  # ... before a dispatcher_stuck warning, at most this often
 
 
@@ -232,11 +233,12 @@ class Supervisor:
                       done=self.loop.create_future())
 
     def _begin_starts(self, starts: list["_Start"]) -> None:
-        """Prepare each start's files: inline for a lone start on an idle
-        dispatcher (lowest latency), otherwise on the spawn threads so the loop
-        keeps serving while the kernel creates files on the other core."""
+        """Prepare each start's files: inline for a lone start on a quiet daemon
+        (lowest latency), otherwise -- a burst, or many workers live -- on the
+        spawn threads, so the loop keeps serving and reaping while the kernel
+        creates the files on another core."""
         assert self.loop is not None
-        inline = len(starts) == 1 and not self.starting
+        inline = len(starts) == 1 and not self.starting and len(self.workers) < INLINE_BELOW
         for st in starts:
             self.starting[st.run_id] = st
             if st.task["workspace_kind"] == "worktree":
