@@ -34,7 +34,6 @@ _roots: list[Path] = []
 PROFILE_DIR: Path | None = None  # --profile: attach `py-spy record` to every daemon
 CURRENT = "bench"  # the metric running now (names profile files)
 TMP_BASE = "/tmp"  # --tmp: where temp homes go (socket paths must stay short)
-DAEMON_MODULE = "kanband"  # --whatif: "bench.whatif" (kanband with prototype fixes)
 _profiled = 0
 _procs: list[subprocess.Popen[bytes]] = []
 _daemons: list["Daemon"] = []
@@ -217,8 +216,6 @@ class Daemon:
         # PYTHONDONTWRITEBYTECODE set and a source newer than its .pyc, every
         # call would compile kanbanctl/cli.py again (~10 ms).
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        if DAEMON_MODULE != "kanband":  # bench.whatif must be importable from the daemon
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         return env
 
     @property
@@ -229,7 +226,7 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> "Daemon":
         self._logf = open(self.log_path, "ab")
         self.proc = track(subprocess.Popen(
-            [PY, "-m", DAEMON_MODULE, "--home", str(self.home), "--log-format", "json"],
+            [PY, "-m", "kanband", "--home", str(self.home), "--log-format", "json"],
             env=self.env, stdout=self._logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=str(self.root)))
         _daemons.append(self)

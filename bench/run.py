@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="run only these metrics (repeat or comma-separate): "
                          + ", ".join(METRICS))
     ap.add_argument("--json", metavar="PATH",
-                    help="write results here (default bench/results.json; with --whatif "
-                         "bench/results-whatif.json)")
-    ap.add_argument("--whatif", action="store_true",
-                    help="experiment: run every daemon as `python -m bench.whatif` (kanband "
-                         "with prototype fixes monkeypatched in; see bench/whatif.py)")
+                    help="write results here (default bench/results.json)")
+    ap.add_argument("--pin", metavar="CPU", type=int,
+                    help="run the bench and every process it starts (daemons, baselines, "
+                         "workers) on this one CPU. Both sides of each ratio then pay the "
+                         "same, and no cross-CPU wake-ups: on a VM these cost 0.1-0.7 ms "
+                         "at random and swamp sub-millisecond round trips")
     ap.add_argument("--profile", metavar="DIR",
                     help="attach `py-spy record` to every kanband started and write collapsed "
                          "stacks to DIR/<metric>-<n>.txt (summarise with python -m bench.stacks)")
@@ -93,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown metric(s): {', '.join(unknown)} (known: {', '.join(METRICS)})")
 
     if args.json is None:
-        args.json = str(DEFAULT_JSON.with_name("results-whatif.json") if args.whatif
-                        else DEFAULT_JSON)
+        args.json = str(DEFAULT_JSON)
+    if args.pin is not None:
+        try:
+            os.sched_setaffinity(0, {args.pin})
+        except (OSError, ValueError) as e:
+            ap.error(f"--pin {args.pin}: {e}")
     h.TMP_BASE = args.tmp
     if not h.unix_socket_path_ok(Path(args.tmp) / "kbenchXXXXXXXX" / "h" / "kanband.sock"):
         ap.error(f"--tmp {args.tmp}: too long for a Unix socket path")
-    if args.whatif:
-        h.DAEMON_MODULE = "bench.whatif"
     if args.profile:
         h.PROFILE_DIR = Path(args.profile).resolve()
     h.become_subreaper()
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     # can set off kernel work (the disk is mounted with `discard`) that would
     # land on the first metric.
     machine = h.machine_info(probe=False)
-    mode = ("quick" if args.quick else "full") + (", whatif" if args.whatif else "")
+    mode = ("quick" if args.quick else "full") + (
+        f", pinned to cpu {args.pin}" if args.pin is not None else "")
     print(f"kanband bench ({mode}): {machine['nproc']} x "
           f"{machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}; "
           f"homes under {args.tmp}", flush=True)
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} rows, {sum(r['pass'] is True for r in rows)} pass, {len(failed)} fail"
           f" ({', '.join(failed) or 'none'}); {total}s; load average "
           f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
-    doc = {"mode": mode, "daemon": h.DAEMON_MODULE, "code": code, "when": dt.datetime.now(dt.timezone.utc)
+    doc = {"mode": mode, "pinned_cpu": args.pin, "code": code, "when": dt.datetime.now(dt.timezone.utc)
            .isoformat(timespec="seconds"), "machine": machine, "duration_s": total,
            "metric_seconds": timings,
            "loadavg_1m": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)}, "rows": rows, "errors": errors}
