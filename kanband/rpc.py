@@ -376,9 +376,9 @@ class Connection(asyncio.Protocol):
 
     def accept(self, msg: Any) -> bool:
         """Handle one frame; False closes the connection."""
-        if isinstance(msg, list) and len(msg) == 3 and msg[0] == NOTIFY:
+        if isinstance(msg, list) and len(msg) == 3 and _is_type(msg[0], NOTIFY):
             return True  # client notifications carry nothing we act on
-        if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == REQUEST):
+        if not (isinstance(msg, list) and len(msg) == 4 and _is_type(msg[0], REQUEST)):
             self.fatal(InvalidArgument("expected a request [0, msgid, method, [params]]"))
             return False
         _, msgid, method, params = msg
@@ -446,8 +446,13 @@ class Connection(asyncio.Protocol):
             self.transport.write(pack([NOTIFY, method, [params]]))
 
 
+def _is_type(value: Any, kind: int) -> bool:
+    """The envelope's type field is that integer (not a bool: False == 0 in Python)."""
+    return type(value) is int and value == kind
+
+
 def _batchable(msg: Any) -> bool:
-    if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == REQUEST
+    if not (isinstance(msg, list) and len(msg) == 4 and _is_type(msg[0], REQUEST)
             and isinstance(msg[2], str)):
         return False
     m = METHODS.get(msg[2])

@@ -256,6 +256,15 @@ class Store:
         self._hooking = False
         self.writes = 0  # committed write transactions (a batch counts its operations)
         self._db = self._open(durability)
+        # Counts kept in memory so stats and status are O(1) in board size: loaded
+        # once here, then changed only by the writes that change them (create_task,
+        # _move, assign, _emit, gc_events). Changes of the open transaction wait in
+        # _delta and are dropped with it on rollback.
+        self._counts: dict[tuple[str | None, str], int] = {
+            (a, st): n for a, st, n in self._db.execute(
+                "SELECT assignee, status, count(*) FROM tasks GROUP BY assignee, status")}
+        self._events = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
+        self._delta: list[tuple[tuple[str | None, str] | None, int]] = []
 
     # -- setup -------------------------------------------------------------
     def _open(self, durability: str) -> sqlite3.Connection:
@@ -371,6 +380,7 @@ class Store:
             return
         self._before_write()
         self._pending = []
+        self._delta = []
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -381,15 +391,24 @@ class Store:
                     self._db.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as e:
-            self._pending = []
+            self._pending, self._delta = [], []
             raise Unavailable(f"the board could not be written: {e} "
                               f"(database {self.path})") from None
         except BaseException:
-            self._pending = []
+            self._pending, self._delta = [], []
             raise
+        self._apply_delta()
         self.writes += 1
         self._wrote()
         self._publish()
+
+    def _apply_delta(self) -> None:
+        delta, self._delta = self._delta, []
+        for key, n in delta:
+            if key is None:
+                self._events += n
+            else:
+                self._counts[key] = self._counts.get(key, 0) + n
 
     def _before_write(self) -> None:
         """Run the `before_write` hook (not re-entered from inside itself)."""
@@ -413,7 +432,7 @@ class Store:
         if b.failed:
             raise Unavailable(f"the board could not be written: {b.failed} "
                               f"(database {self.path})")
-        mark = len(self._pending)
+        mark, dmark = len(self._pending), len(self._delta)
         try:
             if not self._db.in_transaction:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -423,6 +442,7 @@ class Store:
                 self._db.execute("RELEASE op")
             except BaseException:
                 del self._pending[mark:]
+                del self._delta[dmark:]
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK TO op")
                     self._db.execute("RELEASE op")
@@ -454,12 +474,12 @@ class Store:
             raise Unavailable(f"the board could not be read: {e} "
                               f"(database {self.path})") from None
         b = self._batch = Batch()
-        self._pending = []
+        self._pending, self._delta = [], []
         try:
             yield b
         except BaseException:
             self._batch = None
-            self._pending = []
+            self._pending, self._delta = [], []
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
@@ -470,11 +490,12 @@ class Store:
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
         except sqlite3.OperationalError as e:
-            self._pending = []
+            self._pending, self._delta = [], []
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise Unavailable(f"the board could not be written: {e} "
                               f"(database {self.path})") from None
+        self._apply_delta()
         self.writes += b.writes
         if b.writes:
             self._wrote()
@@ -489,6 +510,7 @@ class Store:
             (task_id, run_id, kind, text, now))
         self._pending.append({"id": cur.lastrowid, "task_id": task_id, "run_id": run_id,
                               "kind": kind, "payload": payload, "created_at": now})
+        self._delta.append((None, 1))
 
     def _task_row(self, task_id: str) -> sqlite3.Row:
         row = self._db.execute(_TASK_SELECT + " WHERE t.id = ?", (task_id,)).fetchone()
@@ -499,10 +521,11 @@ class Store:
     def _move(self, task_id: str, action: str, dst: str, now: float,
               sets: dict[str, Any] | None = None) -> str:
         """The one place a task's status changes. Returns the old status."""
-        src = self._db.execute("SELECT status FROM tasks WHERE id=?", (task_id,)).fetchone()
-        if src is None:
+        row = self._db.execute("SELECT status, assignee FROM tasks WHERE id=?",
+                               (task_id,)).fetchone()
+        if row is None:
             raise NotFound(f"no task {task_id}")
-        src = src[0]
+        src, assignee = row
         if not states.allowed(action, src, dst):
             raise states.refused(action, task_id, src)
         cols = {"status": dst, **(sets or {})}
@@ -511,6 +534,7 @@ class Store:
                                (*cols.values(), task_id, src))
         if cur.rowcount != 1:  # cannot happen with one writer; visible if it does
             raise Conflict(f"lost a race changing {task_id} from {src}")
+        self._delta += [((assignee, src), -1), ((cols.get("assignee", assignee), dst), 1)]
         return src
 
     def _unfinished_parents(self, task_id: str) -> list[str]:
@@ -674,16 +698,29 @@ class Store:
             " AND t.completed_at IS NOT NULL ORDER BY t.completed_at DESC LIMIT ?",
             (assignee, exclude, limit))]
 
+    def _current_counts(self) -> dict[tuple[str | None, str], int]:
+        """Committed counts plus the open transaction's changes (read your writes)."""
+        if not self._delta:
+            return self._counts
+        counts = dict(self._counts)
+        for key, n in self._delta:
+            if key is not None:
+                counts[key] = counts.get(key, 0) + n
+        return counts
+
     def counts_by_status(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in self._db.execute(
-            "SELECT status, count(*) FROM tasks GROUP BY status")}
+        out: dict[str, int] = {}
+        for (_, status), n in self._current_counts().items():
+            if n:
+                out[status] = out.get(status, 0) + n
+        return dict(sorted(out.items()))
 
     def counts_by_assignee(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for a, s, n in self._db.execute(
-                "SELECT coalesce(assignee, ''), status, count(*) FROM tasks"
-                " GROUP BY assignee, status"):
-            out.setdefault(a, {})[s] = n
+        for (assignee, status), n in sorted(self._current_counts().items(),
+                                            key=lambda kv: (kv[0][0] or "", kv[0][1])):
+            if n:
+                out.setdefault(assignee or "", {})[status] = n
         return out
 
     def oldest_ready_created_at(self) -> float | None:
@@ -691,7 +728,7 @@ class Store:
             "SELECT min(created_at) FROM tasks WHERE status = 'ready'").fetchone()[0]
 
     def event_count(self) -> int:
-        return self._db.execute("SELECT count(*) FROM events").fetchone()[0]
+        return self._events + sum(n for key, n in self._delta if key is None)
 
     def db_size_bytes(self) -> int:
         page = self._db.execute("PRAGMA page_size").fetchone()[0]
@@ -789,11 +826,13 @@ class Store:
         The newest event always stays: event ids are max(id) + 1, so keeping it
         keeps every id ever handed out unique (subscribers' cursors rely on it)."""
         with self._tx() as db:
-            return db.execute(
+            n = db.execute(
                 "DELETE FROM events WHERE created_at < ? AND task_id IN"
                 " (SELECT id FROM tasks WHERE status IN ('done', 'archived'))"
                 " AND id < (SELECT max(id) FROM events)",
                 (before,)).rowcount
+            self._delta.append((None, -n))
+            return n
 
     def event_bytes(self) -> int:
         """An estimate from the newest 1000 events (reading every payload of a
@@ -858,6 +897,7 @@ class Store:
                         raise
             else:  # pragma: no cover - 8 id collisions in a row
                 raise Conflict("could not allocate a task id")
+            self._delta.append(((fields.get("assignee"), status), 1))
             for p in dict.fromkeys(parents):
                 db.execute("INSERT INTO task_links(parent_id, child_id) VALUES (?, ?)",
                            (p, task_id))
@@ -886,6 +926,8 @@ class Store:
             if task["status"] == states.ARCHIVED:
                 raise states.refused("assign", task_id, task["status"])
             db.execute("UPDATE tasks SET assignee = ? WHERE id = ?", (assignee, task_id))
+            self._delta += [((task["assignee"], task["status"]), -1),
+                            ((assignee, task["status"]), 1)]
             self._emit(task_id, "assigned", {"assignee": assignee}, now)
             return self.get_task(task_id)
 

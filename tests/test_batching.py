@@ -592,3 +592,13 @@ def test_read_in_a_failed_group_commit_sees_no_lost_writes(kd):
     assert got[1][2]["code"] == "unavailable"
     assert got[2][2]["code"] == "unavailable", got[2]
     assert kd.call("task.list")["tasks"] == []
+
+
+def test_bool_type_field_is_not_a_request(kd):
+    """[False, 0, ...] is not a request although False == 0 in Python: the daemon
+    says why in an `error` notification and closes, answering nothing."""
+    with RawConn(kd.socket, timeout=5) as c:
+        c.send_bytes(pack([False, 0, "system.ping", [{}]]))
+        msgs = c.read_until_eof()
+    assert [m[:2] for m in msgs] == [[2, "error"]], msgs
+    assert msgs[0][2][0]["code"] == "invalid_argument"
