@@ -132,12 +132,14 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE runs ADD COLUMN log_offset INTEGER;
     """,
     # Fewer B-tree pages written per change (each is a WAL frame at commit):
-    # tasks_dispatch serves every status lookup that tasks_status_order did (the
-    # list order is then a sort of the matching rows); tenant is indexed only
+    # tasks_dispatch serves every status (and status + assignee) lookup that
+    # tasks_status_order and tasks_assignee did -- the list order is then a sort
+    # of the matching rows, and the counts live in memory; tenant is indexed only
     # where set; event ids no longer need AUTOINCREMENT's sqlite_sequence row
     # (gc never deletes the newest event, so an id is never handed out twice).
     3: """
     DROP INDEX tasks_status_order;
+    DROP INDEX tasks_assignee;
     DROP INDEX tasks_tenant;
     CREATE INDEX tasks_tenant ON tasks(tenant, status) WHERE tenant IS NOT NULL;
     CREATE TABLE events_v3 (
@@ -567,12 +569,11 @@ class Store:
     def list_tasks(self, *, statuses: list[str] | None = None, assignee: str | None = None,
                    tenant: str | None = None, created_by: str | None = None,
                    include_archived: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
-        where, args = [], []
-        if statuses:
-            where.append(f"t.status IN ({','.join('?' * len(statuses))})")
-            args += statuses
-        elif not include_archived:
-            where.append("t.status != 'archived'")
+        # Always an IN list of statuses, so tasks_dispatch (status, assignee, ...)
+        # serves the status and the assignee filters.
+        sts = statuses or [st for st in states.STATUSES
+                           if include_archived or st != states.ARCHIVED]
+        where, args = [f"t.status IN ({','.join('?' * len(sts))})"], list(sts)
         if assignee is not None:
             if assignee == "none":
                 where.append("t.assignee IS NULL")
