@@ -133,11 +133,15 @@ def _read_proc(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = [os.read(fd, 65536)]
-        while len(chunks[-1]) == 65536:  # a long children list
+        # A seq_file (a long children list) comes at most a page per read: read
+        # on to the end unless the first read was well short of a page.
+        while len(chunks[-1]) >= 1024:
             chunks.append(os.read(fd, 65536))
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
 _BOOT_TIME: float | None = None
 
 

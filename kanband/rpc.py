@@ -242,7 +242,9 @@ class Connection(asyncio.Protocol):
         self._handle_all(msgs)
 
     def eof_received(self) -> bool:
-        return False  # the client is done sending: close once our answers are out
+        # The client is done sending: close once the answers written so far are
+        # out. Requests still running (task.wait, a kill) end with the connection.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -283,8 +285,13 @@ class Connection(asyncio.Protocol):
             raise ConnectionResetError("connection closed")
 
     def close(self) -> None:
+        """Close from our side: requests not yet handled are dropped (they would
+        run with nobody to answer), then the transport flushes and closes."""
+        self.closed = True
+        self._backlog.clear()
         if self.transport is not None:
             self.transport.close()  # flushes what is buffered, then closes
+        self._wake_drainers()
 
     def fatal(self, err: KanbanError) -> None:
         """Tell the client what was wrong (as an `error` notification), then close.
@@ -317,7 +324,8 @@ class Connection(asyncio.Protocol):
         self._pump_scheduled = False
         q = self._backlog
         budget = PUMP_BUDGET
-        while q and budget > 0 and not self.closed and not self._write_paused:
+        while q and budget > 0 and not self.closed and not self._write_paused \
+                and self.transport is not None and not self.transport.is_closing():
             # A run of batchable requests shares one transaction (group commit).
             n = 0
             while n < min(len(q), budget) and _batchable(q[n]):
@@ -329,7 +337,7 @@ class Connection(asyncio.Protocol):
             if not self.accept(q.pop(0)):
                 q.clear()
                 return
-        if self.closed or self.transport is None:
+        if self.closed or self.transport is None or self.transport.is_closing():
             q.clear()
             return
         if q:
@@ -355,15 +363,21 @@ class Connection(asyncio.Protocol):
                     k = len(out)
                     self.accept(q.pop(0))
                     size += sum(len(a) for a in out[k:])
-        except KanbanError as e:
+        except Exception as e:
             if not taken:  # the batch could not even begin: handle one request alone
                 self._batch_out = None
                 self.accept(q.pop(0))
                 return 1
             # The group commit failed: nothing of it is durable, and reads may have
             # seen its writes. Every request of the batch gets the error.
-            log.error("rpc_group_commit_failed", peer_pid=self.pid, error=e.message)
-            out = [pack([RESPONSE, msgid, e.to_wire(), None]) for msgid in self._batch_ids]
+            if isinstance(e, KanbanError):
+                log.error("rpc_group_commit_failed", peer_pid=self.pid, error=e.message)
+                err = e.to_wire()
+            else:
+                log.exception("rpc_group_commit_failed", peer_pid=self.pid)
+                err = Internal("internal error committing a group of requests; "
+                               "see the daemon log").to_wire()
+            out = [pack([RESPONSE, msgid, err, None]) for msgid in self._batch_ids]
         finally:
             self._batch_out = None
             self._batch_ids = []

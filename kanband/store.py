@@ -435,6 +435,12 @@ class Store:
             raise Unavailable(f"the board could not be written: {b.failed} "
                               f"(database {self.path})")
         mark, dmark = len(self._pending), len(self._delta)
+        if not self._db.in_transaction and b.writes:
+            # SQLite rolled the batch's transaction back on its own (an I/O error
+            # in a read, say): the writes before are gone. Never start afresh.
+            b.failed = "the transaction was rolled back"
+            raise Unavailable(f"the board could not be written: {b.failed} "
+                              f"(database {self.path})")
         try:
             if not self._db.in_transaction:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -491,7 +497,9 @@ class Store:
                 raise sqlite3.OperationalError(b.failed)
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
-        except sqlite3.OperationalError as e:
+            elif b.writes:  # rolled back by SQLite after the last write: all lost
+                raise sqlite3.OperationalError("the transaction was rolled back")
+        except sqlite3.Error as e:
             self._pending, self._delta = [], []
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")

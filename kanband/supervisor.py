@@ -115,6 +115,8 @@ class Supervisor:
         loop step are recorded in one transaction. `pending` receives the
         starts, for callers that wait for them (see `finish_starts`)."""
         now = time.time()
+        if self.stopping and not dry_run:  # no new work while shutting down
+            return {"dry_run": False, "paused": self.paused, "spawned": [], "would_spawn": []}
         if not dry_run:
             self._end_superseded_lingerers()
         spawned: list[dict[str, Any]] = []
@@ -286,6 +288,8 @@ class Supervisor:
                                                              header)
         except (OSError, ValueError, KeyError) as e:
             st.error = str(e)
+        except Exception as e:  # never leave a start without an end
+            st.error = f"{type(e).__name__}: {e}"
 
     def _prepared(self, st: "_Start", fresh: bool = False) -> None:
         """On the loop: fork the worker of a prepared start (unless its run was
@@ -386,8 +390,8 @@ class Supervisor:
 
     async def finish_starts(self, starts: list["_Start"]) -> None:
         """Wait until these starts have their worker (or their failure) recorded."""
-        if starts:
-            await asyncio.gather(*(st.done for st in starts))
+        if starts:  # shielded: a caller that goes away must not cancel the starts
+            await asyncio.gather(*(asyncio.shield(st.done) for st in starts))
 
     def worker_env(self, task: dict[str, Any], run_id: str, token: str, ws: Path,
                    ctx_file: Path, profile: Profile) -> dict[str, str]:
@@ -551,10 +555,14 @@ class Supervisor:
                 log.error("outcome_not_recorded", task_id=w.task_id, run_id=w.run_id,
                           error=e.message, retry="every sweep")
                 self.unrecorded[w.run_id] = (w, self._classify)
-        except Exception:
-            log.exception("outcome_recording_failed", runs=[w.run_id for w in exits])
+        except Exception:  # one bad exit must not spoil the others: record each alone
+            log.exception("outcome_batch_failed", runs=[w.run_id for w in exits])
             for w in exits:
-                self.unrecorded[w.run_id] = (w, self._classify)
+                try:
+                    self._record(w, self._classify)
+                except Exception:
+                    log.exception("outcome_not_recorded", task_id=w.task_id, run_id=w.run_id)
+                    self.unrecorded[w.run_id] = (w, self._classify)
         finally:
             for w in exits:
                 self._finalize(w)
@@ -582,6 +590,10 @@ class Supervisor:
                 record(w)
             except Unavailable:
                 return  # still failing: try again next sweep
+            except Exception:  # this one is broken; the others still get their turn
+                log.exception("outcome_not_recorded", task_id=w.task_id, run_id=run_id,
+                              retry="every sweep")
+                continue
             del self.unrecorded[run_id]
             log.info("outcome_recorded_late", task_id=w.task_id, run_id=run_id)
             self.wake()

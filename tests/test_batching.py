@@ -602,3 +602,21 @@ def test_bool_type_field_is_not_a_request(kd):
         msgs = c.read_until_eof()
     assert [m[:2] for m in msgs] == [[2, "error"]], msgs
     assert msgs[0][2][0]["code"] == "invalid_argument"
+
+
+def test_batch_whose_transaction_vanished_reports_its_writes_lost(store, db_path):
+    """If SQLite drops the batch's transaction on its own after a write (emulated
+    here with a ROLLBACK behind the store's back), the batch must not report
+    success, publish events or count the lost rows -- nor start a fresh
+    transaction for the next write as if nothing had happened."""
+    with pytest.raises(Unavailable):
+        with store.batch():
+            store.create_task({"title": "lost"}, [], triage=False, now=1.0)
+            store._db.execute("ROLLBACK")
+            with pytest.raises(Unavailable):
+                store.create_task({"title": "after"}, [], triage=False, now=2.0)
+    assert store.rec.events == []
+    assert store.counts_by_status() == {} and store.event_count() == 0
+    assert store.list_tasks() == []
+    t, _ = store.create_task({"title": "fine"}, [], triage=False, now=3.0)
+    assert [x["id"] for x in store.list_tasks()] == [t["id"]]

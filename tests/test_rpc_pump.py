@@ -304,3 +304,26 @@ def test_a_group_commit_that_fails_answers_every_request_of_it(board, peer, monk
         else:
             assert err is not None and err["code"] == "unavailable", (method, err)
     assert store.list_tasks() == []
+
+
+def test_requests_queued_when_we_close_the_connection_are_not_run(board, peer):
+    """Closing a connection from our side (shutdown, a lagging subscriber) drops
+    the requests it had queued: they would run -- tasks created, nobody told --
+    and a client that retries would create them twice."""
+    n = 3 * rpc.PUMP_BUDGET
+    data = b"".join(pack([REQUEST, i, "task.create", [{"title": f"c{i}"}]])
+                    for i in range(1, n + 1))
+
+    async def main() -> int:
+        conn, transport = make_connection(board, peer)
+        conn.data_received(data)  # the first PUMP_BUDGET run now, the rest queue
+        handled = len(transport.messages())
+        assert 0 < handled < n and conn._backlog
+        conn.close()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert conn._backlog == []
+        return handled
+
+    handled = asyncio.run(main())
+    assert len(board.store.list_tasks()) == handled
