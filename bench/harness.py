@@ -182,6 +182,8 @@ def _val(v: Any) -> str:
 
 
 def toml(daemon: dict[str, Any] | None = None, **profiles: dict[str, Any]) -> str:
+    """A kanband.toml: `toml({"max_workers": 2}, fake={"command": [...]})`. The
+    test suite builds its configs with this too."""
     out = ["[daemon]"]
     for k, v in (daemon or {}).items():
         out.append(f"{k} = {_val(v)}")

@@ -187,8 +187,8 @@ class Connection(asyncio.Protocol):
         self._discarding = 0  # > 0 after a fatal error: input swallowed, then close
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._batch_out: list[bytes] | None = None  # answers held until the commit
-        self._batch_ids: list[int] = []
+        self._batch_out: list[tuple[int, bytes]] | None = None  # (msgid, answer) held
+        # until the group commit
         self._fatal_pending: KanbanError | None = None
         self._backlog: list[Any] = []  # whole requests not handled yet
         self._pump_scheduled = False
@@ -353,7 +353,7 @@ class Connection(asyncio.Protocol):
         transaction; stops early once the answers reach WRITE_HIGH_WATER bytes,
         or at a frame that ends the connection. Returns how many it took."""
         store = self.server.board.store
-        out: list[bytes] = []
+        out: list[tuple[int, bytes]] = []
         self._batch_out = out
         taken = size = 0
         try:
@@ -362,7 +362,7 @@ class Connection(asyncio.Protocol):
                     taken += 1
                     k = len(out)
                     self.accept(q.pop(0))
-                    size += sum(len(a) for a in out[k:])
+                    size += sum(len(a) for _, a in out[k:])
         except Exception as e:
             if not taken:  # the batch could not even begin: handle one request alone
                 self._batch_out = None
@@ -377,12 +377,11 @@ class Connection(asyncio.Protocol):
                 log.exception("rpc_group_commit_failed", peer_pid=self.pid)
                 err = Internal("internal error committing a group of requests; "
                                "see the daemon log").to_wire()
-            out = [pack([RESPONSE, msgid, err, None]) for msgid in self._batch_ids]
+            out = [(msgid, pack([RESPONSE, msgid, err, None])) for msgid, _ in out]
         finally:
             self._batch_out = None
-            self._batch_ids = []
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
+            self.transport.write(b"".join(a for _, a in out))
         if self._fatal_pending is not None:  # after the answers of the frames before it
             err, self._fatal_pending = self._fatal_pending, None
             self.fatal(err)
@@ -448,8 +447,7 @@ class Connection(asyncio.Protocol):
 
     def respond(self, msgid: int, error: Any, result: Any) -> None:
         if self._batch_out is not None:
-            self._batch_out.append(pack([RESPONSE, msgid, error, result]))
-            self._batch_ids.append(msgid)
+            self._batch_out.append((msgid, pack([RESPONSE, msgid, error, result])))
             return
         if self.closed or self.transport is None or self.transport.is_closing():
             return

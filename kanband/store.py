@@ -394,8 +394,7 @@ class Store:
                 raise
         except sqlite3.OperationalError as e:
             self._pending, self._delta = [], []
-            raise Unavailable(f"the board could not be written: {e} "
-                              f"(database {self.path})") from None
+            raise self._unwritable(e) from None
         except BaseException:
             self._pending, self._delta = [], []
             raise
@@ -403,6 +402,9 @@ class Store:
         self.writes += 1
         self._wrote()
         self._publish()
+
+    def _unwritable(self, why: object) -> Unavailable:
+        return Unavailable(f"the board could not be written: {why} (database {self.path})")
 
     def _apply_delta(self) -> None:
         delta, self._delta = self._delta, []
@@ -432,15 +434,13 @@ class Store:
     @contextmanager
     def _savepoint(self, b: "Batch") -> Iterator[None]:
         if b.failed:
-            raise Unavailable(f"the board could not be written: {b.failed} "
-                              f"(database {self.path})")
+            raise self._unwritable(b.failed)
         mark, dmark = len(self._pending), len(self._delta)
         if not self._db.in_transaction and b.writes:
             # SQLite rolled the batch's transaction back on its own (an I/O error
             # in a read, say): the writes before are gone. Never start afresh.
             b.failed = "the transaction was rolled back"
-            raise Unavailable(f"the board could not be written: {b.failed} "
-                              f"(database {self.path})")
+            raise self._unwritable(b.failed)
         try:
             if not self._db.in_transaction:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -460,8 +460,7 @@ class Store:
         except sqlite3.OperationalError as e:
             if not self._db.in_transaction and b.writes:
                 b.failed = str(e)
-            raise Unavailable(f"the board could not be written: {e} "
-                              f"(database {self.path})") from None
+            raise self._unwritable(e) from None
         b.writes += 1
 
     @contextmanager
@@ -469,10 +468,10 @@ class Store:
         """Group commit: every `_tx` inside becomes a savepoint of one transaction,
         committed (and its events published) at the end. Reads inside share that
         transaction too: one snapshot, and one round of file locking instead of
-        one per statement. An operation that fails
-        rolls back alone; if the final commit fails, every write of the batch is
-        lost and this raises `unavailable` -- callers must not have told anyone
-        the writes succeeded (`b.writes` counts them)."""
+        one per statement. An operation that fails rolls back alone; if the
+        final commit fails, every write of the batch is lost and this raises
+        `unavailable` -- callers must not have told anyone the writes succeeded
+        (`b.writes` counts them)."""
         if self._batch is not None:
             raise RuntimeError("batches do not nest")
         self._before_write()
@@ -503,8 +502,7 @@ class Store:
             self._pending, self._delta = [], []
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            raise Unavailable(f"the board could not be written: {e} "
-                              f"(database {self.path})") from None
+            raise self._unwritable(e) from None
         self._apply_delta()
         self.writes += b.writes
         if b.writes:
@@ -603,11 +601,6 @@ class Store:
     def parents(self, task_id: str) -> list[dict[str, Any]]:
         return [_task(r) for r in self._db.execute(
             _TASK_SELECT + " JOIN task_links l ON l.parent_id = t.id WHERE l.child_id = ?"
-            " ORDER BY t.created_at", (task_id,))]
-
-    def children(self, task_id: str) -> list[dict[str, Any]]:
-        return [_task(r) for r in self._db.execute(
-            _TASK_SELECT + " JOIN task_links l ON l.child_id = t.id WHERE l.parent_id = ?"
             " ORDER BY t.created_at", (task_id,))]
 
     def relatives(self, task_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

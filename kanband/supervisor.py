@@ -169,9 +169,10 @@ class Supervisor:
         a known profile, no backoff, caps not full -- waited through 6 passes in a
         row with nothing spawned."""
         slots = self.slots()
+        busy = self.busy_tasks()
         waiting = [] if spawned or self.paused else [
             t for t in self.store.dispatch_candidates(slots.open_profiles(), now, 20)
-            if t["id"] not in self.busy_tasks()]
+            if t["id"] not in busy]
         self._stuck_passes = 0 if not waiting else self._stuck_passes + 1
         if self._stuck_passes >= STUCK_PASSES and now - self._stuck_warned >= STUCK_EVERY:
             self._stuck_warned = now

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import WORKER, Kanband, wait_for
+from bench.harness import _val
 from supervision_helpers import kill_processes_of
 from kanband.protocol import Client
 
@@ -29,12 +30,6 @@ PY = sys.executable
 
 
 # -- config --------------------------------------------------------------------------
-def _val(v: Any) -> str:
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_val(x)}" for k, x in v.items()) + " }"
-    return json.dumps(v)  # strings, numbers, booleans and lists of them are valid TOML
-
-
 def config(daemon: dict[str, Any] | None = None,
            profiles: dict[str, dict[str, Any]] | None = None,
            notifiers: dict[str, list[str]] | None = None) -> str:

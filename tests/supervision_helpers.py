@@ -6,7 +6,6 @@ active in every module that imports it with `from supervision_helpers import *`.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+from bench.harness import toml
 from conftest import WORKER, Kanband, wait_for
 
 __all__ = ["PY", "WORKER", "toml", "wcmd", "alive", "gone", "read_pid", "runs_of",
@@ -26,24 +26,6 @@ PY = sys.executable
 
 
 # -- config --------------------------------------------------------------------------
-def _val(v: Any) -> str:
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_val(x)}" for k, x in v.items()) + " }"
-    return json.dumps(v)  # strings, numbers, booleans and lists of them are valid TOML
-
-
-def toml(daemon: dict[str, Any] | None = None, **profiles: dict[str, Any]) -> str:
-    """A kanband.toml: `toml({"max_workers": 2}, fake={"command": [...]})`."""
-    out = ["[daemon]"]
-    for k, v in (daemon or {}).items():
-        out.append(f"{k} = {_val(v)}")
-    for name, prof in profiles.items():
-        out.append(f"\n[profiles.{name}]")
-        for k, v in prof.items():
-            out.append(f"{k} = {_val(v)}")
-    return "\n".join(out) + "\n"
-
-
 def wcmd(*args: Any) -> list[str]:
     """The command list of a profile that runs tests/worker.py with these options."""
     return [PY, str(WORKER), *map(str, args)]
