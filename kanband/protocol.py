@@ -11,8 +11,11 @@ so nothing here may import asyncio, structlog or psutil.
 from __future__ import annotations
 
 import os
-import socket
 import time
+
+# _socket, not socket: socket.py builds its enums at import (~8 ms of a
+# kanbanctl call on a slow machine); a Unix stream socket needs none of it.
+import _socket
 TYPE_CHECKING = False  # typing itself is not imported at run time: kanbanctl stays light
 if TYPE_CHECKING:
     from typing import Any, Iterator
@@ -55,7 +58,7 @@ class Client:
         self.path = os.fspath(path)
         self.timeout = timeout
         self.token = token
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self._unpacker = unpacker(64 * 1024 * 1024)
         self._msgid = 0
         self._answers: dict[int, tuple[Any, Any]] = {}
@@ -73,7 +76,7 @@ class Client:
                 time.sleep(0.01)
 
     def _connect_once(self) -> "Client":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
             s.connect(self.path)
@@ -83,7 +86,7 @@ class Client:
         except ConnectionRefusedError:
             s.close()
             raise Unreachable(self.path, "connection refused (stale socket?)") from None
-        except socket.timeout:
+        except TimeoutError:
             s.close()
             raise Unreachable(self.path, "timed out connecting") from None
         except BlockingIOError:
@@ -119,7 +122,7 @@ class Client:
             params["run_token"] = self.token
         try:
             self._sock.sendall(pack([REQUEST, self._msgid, method, [params]]))
-        except socket.timeout:
+        except TimeoutError:
             raise TimedOut(f"timed out sending {method}") from None
         except OSError as e:
             raise Unreachable(self.path, f"connection lost: {e.strerror or e}") from None
@@ -165,7 +168,7 @@ class Client:
         while True:
             try:
                 data = self._sock.recv(256 * 1024)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimedOut("timed out waiting for kanband to answer") from None
             except OSError as e:
                 raise Unreachable(self.path, f"connection lost: {e.strerror or e}") from None

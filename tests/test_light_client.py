@@ -21,9 +21,10 @@ def test_kanbanctl_help_runs_without_daemon():
         assert verb in out.stdout
 
 
-def test_text_output_does_not_import_json_or_typing(shared_kd):
-    """`kanbanctl show ID` (text output) loads neither json nor typing: both cost
-    milliseconds of every short-lived call; only --json and --metadata need json."""
+def test_text_output_does_not_import_json_typing_or_socket(shared_kd):
+    """`kanbanctl show ID` (text output) loads neither json, typing nor socket.py:
+    each costs milliseconds of every short-lived call (socket.py builds its enums
+    at import; the client uses _socket); only --json and --metadata need json."""
     tid = shared_kd.create("light")["id"]
     code = ("import sys, runpy\n"
             "sys.argv = ['kanbanctl', '--socket', sys.argv[1], 'show', sys.argv[2]]\n"
@@ -31,7 +32,7 @@ def test_text_output_does_not_import_json_or_typing(shared_kd):
             "    runpy.run_module('kanbanctl', run_name='__main__')\n"
             "except SystemExit as e:\n"
             "    assert not e.code, e.code\n"
-            "print('LOADED:' + ','.join(m for m in ('json', 'typing') if m in sys.modules))\n")
+            "print('LOADED:' + ','.join(m for m in ('json', 'typing', 'socket') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code, str(shared_kd.socket), tid],
                          capture_output=True, text=True, check=True)
     assert tid in out.stdout
