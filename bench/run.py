@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     h.become_subreaper()
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
-    # The file-creation probe runs after the metrics: deleting its directories
-    # can set off kernel work (the disk is mounted with `discard`) that would
-    # land on the first metric.
+    # The file-creation probe runs after the metrics, before cleanup; its files
+    # are deleted with the homes. Deleting many files makes creating new ones
+    # slower for a minute or so on some filesystems (see fs_probe), so nothing
+    # is deleted while metrics run.
     machine = h.machine_info(probe=False)
     mode = ("quick" if args.quick else "full") + (
         f", pinned to cpu {args.pin}" if args.pin is not None else "")
@@ -144,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 timings[name] = round(time.perf_counter() - t, 2)
                 h.kill_strays()
+        total = round(time.perf_counter() - t_all, 1)
+        machine["fs_create_us"] = h.fs_probes()  # before cleanup's deletions slow it down
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         errors["interrupted"] = "interrupted"
+        total = round(time.perf_counter() - t_all, 1)
     finally:
         h.cleanup_all()
-    total = round(time.perf_counter() - t_all, 1)
-    machine["fs_create_us"] = h.fs_probes()
     print("mkdir + small file create: "
           + ", ".join(f"{k} {v:.0f} us" for k, v in machine["fs_create_us"].items()))
     print()

@@ -62,8 +62,9 @@ class Profile:
                 "builtin": self.builtin}
 
 
-# The built-in `shell` profile runs the task body as a POSIX shell script:
-# {script} is a file in the run directory that holds the body.
+# The built-in `shell` profile runs the task body as a POSIX shell script. Its
+# command is what it amounts to; the supervisor runs the body in a subshell of
+# the exit-status shim (reaper.SHELL_SHIM), writing {script} only for long bodies.
 SHELL_PROFILE = Profile(name="shell", command=("/bin/sh", "{script}"),
                         complete_on_exit=True, builtin=True)
 

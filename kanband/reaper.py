@@ -33,11 +33,20 @@ from kanband.config import Profile
 log = structlog.get_logger("kanband.reaper")
 
 EXIT_FILE = "exit_status"
-# $1 = exit file; the rest is the worker's argv. A command killed by a signal
-# shows as 128+N to sh: re-raise N on the shim so the daemon sees the signal.
-SHIM = ('f=$1; shift; "$@"; rc=$?; echo "$rc" > "$f"; '
-        'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then '
-        'trap - "$((rc-128))" 2>/dev/null; kill "-$((rc-128))" $$; fi; exit "$rc"')
+# After the command: keep its status in the exit file ($f). A command killed by
+# a signal shows as 128+N to sh: re-raise N on the shim so the daemon sees it.
+_SHIM_END = ('rc=$?; echo "$rc" > "$f"; '
+             'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then '
+             'trap - "$((rc-128))" 2>/dev/null; kill "-$((rc-128))" $$; fi; exit "$rc"')
+# $1 = exit file; the rest is the worker's argv.
+SHIM = 'f=$1; shift; "$@"; ' + _SHIM_END
+# The built-in shell profile: shell text (the task body) run in a subshell of the
+# shim itself -- one sh process and no exec instead of two -- with no positional
+# parameters and no shim variable set. The text comes in the environment, not
+# argv: a command line is readable by every user, an environment only by ours.
+SHELL_TEXT = "KANBAN_SHELL_TEXT"
+SHELL_SHIM = (f'f=$1; b=${SHELL_TEXT}; unset {SHELL_TEXT}; '
+              '( eval "set --; unset f b; $b" ); ' + _SHIM_END)
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The daemon's environment for a child, minus systemd's per-service
     variables (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) and any KANBAN_* of ours."""
@@ -252,12 +261,18 @@ class Reaper:
             raise
 
     def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], log_fd: int,
-              run_dir: Path) -> subprocess.Popen[bytes]:
+              run_dir: Path, shell: str | None = None) -> subprocess.Popen[bytes]:
         """Start the worker (output to `log_fd`, which the caller closes) in its own
-        session, under the exit-status shim. On the loop thread only: a child
-        must be tracked before reap_all can see it exit."""
-        return subprocess.Popen(["/bin/sh", "-c", SHIM, "kanband-worker",
-                                 str(run_dir / EXIT_FILE), *argv],
+        session, under the exit-status shim: `argv`, or with `shell` that shell
+        text run by the shim's own sh. On the loop thread only: a child must be
+        tracked before reap_all can see it exit."""
+        exit_file = str(run_dir / EXIT_FILE)
+        if shell is None:
+            shim = ["/bin/sh", "-c", SHIM, "kanband-worker", exit_file, *argv]
+        else:
+            shim = ["/bin/sh", "-c", SHELL_SHIM, "kanband-worker", exit_file]
+            env = {**env, SHELL_TEXT: shell}
+        return subprocess.Popen(shim,
                                 cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 close_fds=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,10 @@ EXIT_RATE_LIMITED = 75
 STUCK_PASSES = 6  # passes in a row with dispatchable work and no spawn ...
 SPAWN_THREADS = 2  # threads that create a burst's run files while the loop serves
 INLINE_BELOW = 4  # live workers under which a lone start prepares its files inline
+# Shell bodies up to this many characters go to the shim as one argv string
+# (Linux caps one at 128 KiB; 32 Ki characters are at most that in UTF-8);
+# longer ones are written to script.sh and sourced.
+INLINE_BODY_MAX = 32 * 1024
 STUCK_EVERY = 300.0  # ... before a dispatcher_stuck warning, at most this often
 
 
@@ -277,14 +282,28 @@ class Supervisor:
             ctx_file = st.run_dir / "context.md"
             _write(ctx_file, st.context)
             script = st.run_dir / "script.sh"
-            _write(script, task["body"])
-            values = {"task_id": task["id"], "run_id": run_id, "profile": profile.name,
-                      "workspace": str(ws), "context_file": str(ctx_file), "script": str(script)}
-            st.argv = [part.format_map(values) for part in profile.command]
+            body = task["body"]
+            if profile.builtin:  # the shell profile: the shim's sh runs the body itself
+                if len(body) > INLINE_BODY_MAX or "\0" in body:  # too big for one argv string
+                    _write(script, body)
+                    st.shell = f". {shlex.quote(str(script))}"
+                else:
+                    st.shell = body
+                st.argv = ["/bin/sh"]
+                text = body.strip()
+                first = text.split("\n", 1)[0]
+                what = f"sh: {first[:200]}" + (" ..." if len(first) > 200 or first != text else "")
+            else:
+                if "{script}" in "".join(profile.command):
+                    _write(script, body)
+                values = {"task_id": task["id"], "run_id": run_id, "profile": profile.name,
+                          "workspace": str(ws), "context_file": str(ctx_file),
+                          "script": str(script)}
+                st.argv = [part.format_map(values) for part in profile.command]
+                what = " ".join(st.argv)[:500]
             st.env = self.worker_env(task, run_id, st.token, ws, ctx_file, profile)
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            header = (f"=== kanband: run {run_id} ({profile.name}) started at {stamp}: "
-                      f"{' '.join(st.argv)[:500]}\n")
+            header = f"=== kanband: run {run_id} ({profile.name}) started at {stamp}: {what}\n"
             st.log_fd, st.log_offset = self.reaper.open_log(st.argv, st.env, st.log_path,
                                                              header)
         except (OSError, ValueError, KeyError) as e:
@@ -329,7 +348,7 @@ class Supervisor:
         assert st.log_fd is not None and st.ws is not None and st.env is not None
         try:
             popen = self.reaper.spawn(st.argv, cwd=st.ws, env=st.env, log_fd=st.log_fd,
-                                      run_dir=st.run_dir)
+                                      run_dir=st.run_dir, shell=st.shell)
         except (OSError, ValueError) as e:
             st.error = str(e)
             return
@@ -757,6 +776,7 @@ class _Start:
     done: asyncio.Future[None]  # set once the start's record is written
     ws: Path | None = None
     argv: list[str] = field(default_factory=list)
+    shell: str | None = None  # built-in shell profile: the text its shim runs
     env: dict[str, str] | None = None
     log_fd: int | None = None
     log_offset: int = 0

@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 from conftest import events_of, kinds_of, snapshot, wait_for
 from supervision_helpers import *  # noqa: F401,F403  (also activates kill_leftovers)
-from supervision_helpers import (EnvKanband, daemon_pid, live_workers, runs_of, toml, wcmd,
-                                 wdir, zombies_under)
+from supervision_helpers import (EnvKanband, children_under, daemon_pid, live_workers,
+                                 runs_of, toml, wcmd, wdir, zombies_under)
 
 BASE = {"kill_grace": 0.5, "retry_backoff": 60, "failure_limit": 3, "exit_grace": 2}
 
@@ -37,6 +38,50 @@ def test_shell_task_runs_to_done_with_last_output_line_as_result(kd):
     log = kd.call("task.log", id=tid)["text"]
     assert "first line" in log and task["workspace_path"] in log  # ran in its workspace
     assert kinds_of(kd, tid)[:4] == ["created", "claimed", "spawned", "completed"]
+
+
+def test_shell_body_runs_in_the_shim_with_a_clean_shell(kd):
+    """The built-in profile's body runs in a subshell of the exit-status shim: no
+    positional parameters, no shim variable, not the text in the environment; the
+    log header names the first line; no script file is written for it."""
+    body = ('echo "args=$# f=${f-unset} b=${b-unset} text=${KANBAN_SHELL_TEXT-unset}"\n'
+            'echo "second line"\n')
+    tid = kd.create("clean", assignee="shell", body=body)["id"]
+    task = kd.wait_status(tid, "done")
+    assert task["result"] == "second line"
+    log = kd.call("task.log", id=tid)["text"]
+    assert "args=0 f=unset b=unset text=unset" in log
+    assert "(shell) started at" in log and 'sh: echo "args=$#' in log and " ..." in log
+    run = runs_of(kd, tid)[0]
+    run_dir = kd.home / "runs" / run["id"]
+    assert (run_dir / "context.md").exists() and not (run_dir / "script.sh").exists()
+
+
+def test_shell_body_text_stays_off_command_lines(kd):
+    """The body is handed to the shim in its environment (readable by our user only),
+    never on a command line, which every user can read."""
+    secret = f"S3CRET{time.time_ns()}"
+    tid = kd.create("secret", assignee="shell", body=f"X={secret}; sleep 30\n")["id"]
+    pid = wait_for(lambda: kd.task(tid)["worker_pid"], 20, "worker to start")
+    procs = wait_for(lambda: [p for p in children_under(pid) if p.name() == "sleep"]
+                     and [psutil.Process(pid), *children_under(pid)], 20, "sleep to start")
+    for p in procs:
+        assert secret not in " ".join(p.cmdline()), p.cmdline()
+    kd.call("task.archive", id=tid)
+
+
+def test_long_shell_body_goes_through_a_script_file(kd):
+    """A body longer than one argv string may be (INLINE_BODY_MAX) is written to
+    script.sh and sourced by the shim's subshell: it runs whole."""
+    filler = "# " + "x" * 78 + "\n"
+    body = "n=0\n" + "n=$((n+1))\n" * 100 + filler * 600 + 'echo "n=$n last"\n'
+    assert len(body) > 32 * 1024
+    tid = kd.create("long", assignee="shell", body=body)["id"]
+    task = kd.wait_status(tid, "done")
+    assert task["result"] == "n=100 last"
+    run = runs_of(kd, tid)[0]
+    script = kd.home / "runs" / run["id"] / "script.sh"
+    assert script.read_text() == body
 
 
 def test_shell_task_from_the_cli_and_wait(kd):
