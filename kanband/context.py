@@ -35,8 +35,8 @@ def render(store: Any, task: dict[str, Any], workspace: str) -> str:
            f"- tenant: {task['tenant'] or '-'}", f"- workspace: {workspace}", "",
            "## Body", "", _cap(task["body"], BODY_CAP) or "(empty)", ""]
 
-    runs = store.runs(tid, last=PRIOR_RUNS)
-    total = store.count_runs(tid)
+    runs = store.runs(tid, last=PRIOR_RUNS, check=False)
+    total = store.count_runs(tid) if len(runs) == PRIOR_RUNS else len(runs)
     out += ["## Prior attempts", ""]
     if total > len(runs):
         out.append(f"({total - len(runs)} older attempts not shown)")
@@ -83,7 +83,7 @@ def render(store: Any, task: dict[str, Any], workspace: str) -> str:
 
     out += ["## Comments", ""]
     comments = store.comments(tid, last=COMMENTS)
-    total = store.count_comments(tid)
+    total = store.count_comments(tid) if len(comments) == COMMENTS else len(comments)
     if total > len(comments):
         out.append(f"({total - len(comments)} older comments not shown)")
     if not comments:

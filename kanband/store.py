@@ -695,10 +695,11 @@ class Store:
         return _run(row) if row else None
 
     def recent_completed(self, assignee: str, exclude: str, limit: int = 5) -> list[dict[str, Any]]:
-        return [_task(r) for r in self._db.execute(
-            _TASK_SELECT + " WHERE t.assignee = ? AND t.id != ? AND t.status IN ('done','archived')"
-            " AND t.completed_at IS NOT NULL ORDER BY t.completed_at DESC LIMIT ?",
-            (assignee, exclude, limit))]
+        """The assignee's latest finished tasks: id, title, completed_at, result."""
+        return [dict(r) for r in self._db.execute(
+            "SELECT id, title, completed_at, result FROM tasks WHERE assignee = ? AND id != ?"
+            " AND status IN ('done','archived') AND completed_at IS NOT NULL"
+            " ORDER BY completed_at DESC LIMIT ?", (assignee, exclude, limit))]
 
     def _current_counts(self) -> dict[tuple[str | None, str], int]:
         """Committed counts plus the open transaction's changes (read your writes)."""

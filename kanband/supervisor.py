@@ -340,7 +340,9 @@ class Supervisor:
             st.entry.update({"pid": st.worker.pid} if st.worker else
                             {"error": st.error or st.cancelled})
         self._to_record.append(st)
-        if len(self._to_record) == 1:
+        if fresh:  # a lone start on a quiet daemon: record its pid at once
+            self._record_starts()
+        elif len(self._to_record) == 1:
             assert self.loop is not None
             self.loop.call_soon(self._record_starts)
 

@@ -576,9 +576,18 @@ def test_context_counts_older_attempts_and_comments(shared_kd):
     for i in range(32):
         kd.call("task.comment", id=t, body=f"comment number {i:02d}")
     text = kd.call("task.context", id=t)["text"]
-    assert text.count("reclaimed") == 10 and "2 older" in text
+    assert text.count("reclaimed") == 10 and "(2 older attempts not shown)" in text
     assert "comment number 01" not in text and "comment number 02" in text
-    assert "comment number 31" in text
+    assert "comment number 31" in text and "(2 older comments not shown)" in text
+    # exactly at the caps: nothing is counted as older
+    u = kd.create("at the caps")["id"]
+    for _ in range(10):
+        kd.call("task.claim", id=u)
+        kd.call("task.reclaim", id=u)
+    for i in range(30):
+        kd.call("task.comment", id=u, body=f"c{i}")
+    text = kd.call("task.context", id=u)["text"]
+    assert text.count("reclaimed") == 10 and "older" not in text
 
 
 def test_context_recent_work_is_the_last_five(shared_kd):
