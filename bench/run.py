@@ -67,6 +67,9 @@ def _stop(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+SLOW_CREATE_US = 150  # a mkdir plus a file create slower than this at start-up gets a warning
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="smaller counts; under a minute")
@@ -119,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}; "
           f"homes under {args.tmp}", flush=True)
     load_start = os.getloadavg()
+    slow = h.fs_probe(args.tmp, 20)
+    machine["fs_create_us_at_start"] = round(slow, 1)
+    if slow > SLOW_CREATE_US:
+        print(f"warning: a mkdir plus a file create under {args.tmp} takes {slow:.0f} us now "
+              f"(under {SLOW_CREATE_US} us when the disk is quiet). On ext4 without a journal "
+              "this happens for a minute or so after many files were deleted (a test run, "
+              "an earlier bench's cleanup): the spawn-path metrics will pay for it.",
+              flush=True)
     code = h.code_version()
     print(f"kanband at {code['commit'] or '?'}{' + uncommitted changes' if code['dirty'] else ''}",
           flush=True)
