@@ -114,8 +114,8 @@ class Board:
 
     def _tasks_out(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """task_out for many rows: the slot counts and busy set are computed once."""
-        if not tasks:
-            return []
+        if not any(t["status"] in WAITING_STATUSES for t in tasks):
+            return [self.task_out(t) for t in tasks]  # no waiting_reason to work out
         slots = self.supervisor.slots() if self.supervisor is not None else Slots(self.config)
         busy = self.supervisor.busy_tasks() if self.supervisor is not None else set()
         return [self.task_out(t, slots, busy) for t in tasks]
