@@ -195,8 +195,7 @@ class Board:
     def show(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.task_id()
         p.done()
-        task = self.store.get_task(tid)
-        parents, children = self.store.relatives(tid)
+        task, parents, children = self.store.family(tid)
         out = self._tasks_out([task, *parents, *children])
         return {"task": out[0], "parents": out[1:1 + len(parents)],
                 "children": out[1 + len(parents):],

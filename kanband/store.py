@@ -179,10 +179,12 @@ _TASK_COLS = (
     " r.last_heartbeat_at AS last_heartbeat_at")
 _RUN_JOIN = " LEFT JOIN runs r ON r.id = t.current_run_id AND r.outcome IS NULL"
 _TASK_SELECT = "SELECT " + _TASK_COLS + " FROM tasks t" + _RUN_JOIN
-_RELATIVES = (
-    "SELECT " + _TASK_COLS + ", 0 AS side FROM task_links l JOIN tasks t ON t.id = l.parent_id"
+# A task (side 0), its parents (1) and its children (2), each group by created_at.
+_FAMILY = (
+    "SELECT " + _TASK_COLS + ", 0 AS side FROM tasks t" + _RUN_JOIN + " WHERE t.id = ? UNION ALL"
+    " SELECT " + _TASK_COLS + ", 1 AS side FROM task_links l JOIN tasks t ON t.id = l.parent_id"
     + _RUN_JOIN + " WHERE l.child_id = ? UNION ALL"
-    " SELECT " + _TASK_COLS + ", 1 AS side FROM task_links l JOIN tasks t ON t.id = l.child_id"
+    " SELECT " + _TASK_COLS + ", 2 AS side FROM task_links l JOIN tasks t ON t.id = l.child_id"
     + _RUN_JOIN + " WHERE l.parent_id = ? ORDER BY side, created_at")
 
 Event = dict[str, Any]
@@ -603,13 +605,16 @@ class Store:
             _TASK_SELECT + " JOIN task_links l ON l.parent_id = t.id WHERE l.child_id = ?"
             " ORDER BY t.created_at", (task_id,))]
 
-    def relatives(self, task_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(parents, children) of a task in one query, each ordered by created_at."""
-        parents: list[dict[str, Any]] = []
-        children: list[dict[str, Any]] = []
-        for r in self._db.execute(_RELATIVES, (task_id, task_id)):
-            (children if r["side"] else parents).append(_task(r, drop=("side",)))
-        return parents, children
+    def family(self, task_id: str) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                            list[dict[str, Any]]]:
+        """(task, parents, children) in one query; parents and children ordered
+        by created_at."""
+        groups: tuple[list[dict[str, Any]], ...] = ([], [], [])
+        for r in self._db.execute(_FAMILY, (task_id, task_id, task_id)):
+            groups[r["side"]].append(_task(r, drop=("side",)))
+        if not groups[0]:
+            raise NotFound(f"no task {task_id}")
+        return groups[0][0], groups[1], groups[2]
 
     def unfinished_parents(self, task_id: str) -> list[str]:
         return self._unfinished_parents(task_id)
