@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     h.become_subreaper()
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
-    # The file-creation probe runs after the metrics, before cleanup; its files
-    # are deleted with the homes. Deleting many files makes creating new ones
-    # slower for a minute or so on some filesystems (see fs_probe), so nothing
-    # is deleted while metrics run.
+    # File creation is probed at start-up (a warning when it is slow) and again
+    # after the metrics, before cleanup; the probes' files go with the homes.
+    # Deleting many files makes creating new ones slower for a minute or so on
+    # some filesystems (see fs_probe), so nothing is deleted while metrics run.
     machine = h.machine_info(probe=False)
     mode = ("quick" if args.quick else "full") + (
         f", pinned to cpu {args.pin}" if args.pin is not None else "")
@@ -122,14 +122,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}; "
           f"homes under {args.tmp}", flush=True)
     load_start = os.getloadavg()
-    slow = h.fs_probe(args.tmp, 20)
-    machine["fs_create_us_at_start"] = round(slow, 1)
-    if slow > SLOW_CREATE_US:
-        print(f"warning: a mkdir plus a file create under {args.tmp} takes {slow:.0f} us now "
-              f"(under {SLOW_CREATE_US} us when the disk is quiet). On ext4 without a journal "
-              "this happens for a minute or so after many files were deleted (a test run, "
-              "an earlier bench's cleanup): the spawn-path metrics will pay for it.",
-              flush=True)
     code = h.code_version()
     print(f"kanband at {code['commit'] or '?'}{' + uncommitted changes' if code['dirty'] else ''}",
           flush=True)
@@ -138,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     t_all = time.perf_counter()
     try:
+        slow = h.fs_probe(args.tmp, 20)
+        machine["fs_create_us_at_start"] = round(slow, 1)
+        if slow > SLOW_CREATE_US:
+            print(f"warning: a mkdir plus a file create under {args.tmp} takes {slow:.0f} us "
+                  f"now (under {SLOW_CREATE_US} us when the disk is quiet). On ext4 without a "
+                  "journal this happens for a minute or so after many files were deleted (a "
+                  "test run, an earlier bench's cleanup): the spawn-path metrics will pay "
+                  "for it.", flush=True)
         for name in names:
             t = time.perf_counter()
             h.CURRENT = name

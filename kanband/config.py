@@ -53,6 +53,12 @@ class Profile:
     env: dict[str, str] = field(default_factory=dict)
     builtin: bool = False
 
+    @property
+    def uses_script(self) -> bool:
+        """Does the command name {script} (the task body in a file)?"""
+        return any(name == "script" for part in self.command
+                   for _text, name, _spec, _conv in string.Formatter().parse(part))
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "command": list(self.command),
                 "max_concurrency": self.max_concurrency, "max_runtime": self.max_runtime,

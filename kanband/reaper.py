@@ -35,18 +35,23 @@ log = structlog.get_logger("kanband.reaper")
 EXIT_FILE = "exit_status"
 # After the command: keep its status in the exit file ($f). A command killed by
 # a signal shows as 128+N to sh: re-raise N on the shim so the daemon sees it.
-_SHIM_END = ('rc=$?; echo "$rc" > "$f"; '
-             'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then '
-             'trap - "$((rc-128))" 2>/dev/null; kill "-$((rc-128))" $$; fi; exit "$rc"')
+# The shim's variables have names no worker environment is likely to hold (an
+# exported variable of the same name would be changed for the command).
+_SHIM_END = ('__kb_rc=$?; echo "$__kb_rc" > "$__kb_f"; '
+             'if [ "$__kb_rc" -gt 128 ] && [ "$__kb_rc" -lt 160 ]; then '
+             'trap - "$((__kb_rc-128))" 2>/dev/null; kill "-$((__kb_rc-128))" $$; fi; '
+             'exit "$__kb_rc"')
 # $1 = exit file; the rest is the worker's argv.
-SHIM = 'f=$1; shift; "$@"; ' + _SHIM_END
+SHIM = '__kb_f=$1; shift; "$@"; ' + _SHIM_END
 # The built-in shell profile: shell text (the task body) run in a subshell of the
 # shim itself -- one sh process and no exec instead of two -- with no positional
 # parameters and no shim variable set. The text comes in the environment, not
 # argv: a command line is readable by every user, an environment only by ours.
+# In a subshell $$ is the shim's pid and $PPID kanband's (POSIX); $0 is the
+# shim's name, kanband-worker.
 SHELL_TEXT = "KANBAN_SHELL_TEXT"
-SHELL_SHIM = (f'f=$1; b=${SHELL_TEXT}; unset {SHELL_TEXT}; '
-              '( eval "set --; unset f b; $b" ); ' + _SHIM_END)
+SHELL_SHIM = (f'__kb_f=$1; __kb_b=${SHELL_TEXT}; unset {SHELL_TEXT}; '
+              '( eval "set --; unset __kb_f __kb_b; $__kb_b" ); ' + _SHIM_END)
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The daemon's environment for a child, minus systemd's per-service
     variables (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) and any KANBAN_* of ours."""

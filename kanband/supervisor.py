@@ -35,10 +35,10 @@ EXIT_RATE_LIMITED = 75
 STUCK_PASSES = 6  # passes in a row with dispatchable work and no spawn ...
 SPAWN_THREADS = 2  # threads that create a burst's run files while the loop serves
 INLINE_BELOW = 4  # live workers under which a lone start prepares its files inline
-# Shell bodies up to this many characters go to the shim as one argv string
-# (Linux caps one at 128 KiB; 32 Ki characters are at most that in UTF-8);
-# longer ones are written to script.sh and sourced.
-INLINE_BODY_MAX = 32 * 1024
+# Shell bodies up to this many bytes (UTF-8) reach the shim in one environment
+# string (Linux caps one "NAME=value" string at 128 KiB); longer ones are
+# written to script.sh and sourced.
+INLINE_BODY_MAX = 64 * 1024
 STUCK_EVERY = 300.0  # ... before a dispatcher_stuck warning, at most this often
 
 
@@ -284,7 +284,9 @@ class Supervisor:
             script = st.run_dir / "script.sh"
             body = task["body"]
             if profile.builtin:  # the shell profile: the shim's sh runs the body itself
-                if len(body) > INLINE_BODY_MAX or "\0" in body:  # too big for one argv string
+                too_big = len(body) > INLINE_BODY_MAX // 4 and len(  # <= 4 bytes a character
+                    body.encode("utf-8", "surrogateescape")) > INLINE_BODY_MAX
+                if too_big or "\0" in body:
                     _write(script, body)
                     st.shell = f". {shlex.quote(str(script))}"
                 else:
@@ -294,7 +296,7 @@ class Supervisor:
                 first = text.split("\n", 1)[0]
                 what = f"sh: {first[:200]}" + (" ..." if len(first) > 200 or first != text else "")
             else:
-                if "{script}" in "".join(profile.command):
+                if profile.uses_script:
                     _write(script, body)
                 values = {"task_id": task["id"], "run_id": run_id, "profile": profile.name,
                           "workspace": str(ws), "context_file": str(ctx_file),

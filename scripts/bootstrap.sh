@@ -15,6 +15,8 @@ extra="${1:-}"
 mode="editable_mode=compat"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)$extra $mode"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    # --config-settings needs pip 22.1 (some distributions' venvs bring 22.0)
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'pip>=22.1'
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
         --config-settings "$mode" -e "$ROOT$extra"
     echo "$want" > "$stamp"

@@ -44,7 +44,8 @@ def test_shell_body_runs_in_the_shim_with_a_clean_shell(kd):
     """The built-in profile's body runs in a subshell of the exit-status shim: no
     positional parameters, no shim variable, not the text in the environment; the
     log header names the first line; no script file is written for it."""
-    body = ('echo "args=$# f=${f-unset} b=${b-unset} text=${KANBAN_SHELL_TEXT-unset}"\n'
+    body = ('echo "args=$# f=${__kb_f-unset} b=${__kb_b-unset} '
+            'text=${KANBAN_SHELL_TEXT-unset}"\n'
             'echo "second line"\n')
     tid = kd.create("clean", assignee="shell", body=body)["id"]
     task = kd.wait_status(tid, "done")
@@ -71,17 +72,44 @@ def test_shell_body_text_stays_off_command_lines(kd):
 
 
 def test_long_shell_body_goes_through_a_script_file(kd):
-    """A body longer than one argv string may be (INLINE_BODY_MAX) is written to
-    script.sh and sourced by the shim's subshell: it runs whole."""
+    """A body of more than INLINE_BODY_MAX bytes (64 KiB) in UTF-8 is written to
+    script.sh and sourced by the shim's subshell: it runs whole. Counted in
+    bytes: 20,000 four-byte characters do not fit one environment string either."""
     filler = "# " + "x" * 78 + "\n"
-    body = "n=0\n" + "n=$((n+1))\n" * 100 + filler * 600 + 'echo "n=$n last"\n'
-    assert len(body) > 32 * 1024
-    tid = kd.create("long", assignee="shell", body=body)["id"]
-    task = kd.wait_status(tid, "done")
-    assert task["result"] == "n=100 last"
+    wide = "# " + "\N{GRINNING FACE}" * 20_000 + "\n"
+    for name, middle in (("ascii", filler * 900), ("wide", wide)):
+        body = "n=0\n" + "n=$((n+1))\n" * 100 + middle + 'echo "n=$n last"\n'
+        assert len(body.encode()) > 64 * 1024
+        tid = kd.create(name, assignee="shell", body=body)["id"]
+        task = kd.wait_status(tid, "done")
+        assert task["result"] == "n=100 last", name
+        run = runs_of(kd, tid)[0]
+        script = kd.home / "runs" / run["id"] / "script.sh"
+        assert script.read_text() == body, name
+
+
+def test_shell_body_just_under_the_cap_runs_without_a_file(kd):
+    """A body of 60 KiB runs inline: no script file, and its last line is the result."""
+    body = "# " + "y" * (60 * 1024) + "\necho inline-ok\n"
+    tid = kd.create("big inline", assignee="shell", body=body)["id"]
+    assert kd.wait_status(tid, "done")["result"] == "inline-ok"
     run = runs_of(kd, tid)[0]
-    script = kd.home / "runs" / run["id"] / "script.sh"
-    assert script.read_text() == body
+    assert not (kd.home / "runs" / run["id"] / "script.sh").exists()
+
+
+def test_profile_with_a_script_placeholder_gets_the_body_file(kanband_factory):
+    """A configured profile naming {script} (also written {script:}) gets the body
+    in a file; one that does not name it gets no file."""
+    k = kanband_factory(toml(BASE, catter={"command": ["/bin/cat", "{script:}"],
+                                           "complete_on_exit": True},
+                             plain={"command": ["/bin/echo", "no script"],
+                                    "complete_on_exit": True}))
+    tid = k.create("cat", assignee="catter", body="first\nthe body's last line\n")["id"]
+    assert k.wait_status(tid, "done")["result"] == "the body's last line"
+    other = k.create("plain", assignee="plain", body="unused")["id"]
+    assert k.wait_status(other, "done")["result"] == "no script"
+    run = runs_of(k, other)[0]
+    assert not (k.home / "runs" / run["id"] / "script.sh").exists()
 
 
 def test_shell_task_from_the_cli_and_wait(kd):
