@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from kanband import __version__, logs
+from kanband import __version__, logs, reaper
 from kanband import config as config_mod
 from kanband.board import Board
 from kanband.errors import InvalidArgument, KanbanError
@@ -349,12 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _raise_nofile() -> None:
-    """Clients and workers' log files all take descriptors: use the hard limit."""
+    """Clients and workers' log files all take descriptors: use the hard limit.
+    Workers get the soft limit kanband started with back (reaper.worker_nofile):
+    a program that uses select() breaks on descriptors over 1023."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+            reaper.worker_nofile = soft
         except (ValueError, OSError):
             pass
 

@@ -41,8 +41,10 @@ _SHIM_END = ('__kb_rc=$?; echo "$__kb_rc" > "$__kb_f"; '
              'if [ "$__kb_rc" -gt 128 ] && [ "$__kb_rc" -lt 160 ]; then '
              'trap - "$((__kb_rc-128))" 2>/dev/null; kill "-$((__kb_rc-128))" $$; fi; '
              'exit "$__kb_rc"')
-# $1 = exit file; the rest is the worker's argv.
-SHIM = '__kb_f=$1; shift; "$@"; ' + _SHIM_END
+# $1 = exit file, $2 = the soft RLIMIT_NOFILE to give back to the worker ("" to
+# keep kanband's); the rest is the worker's argv.
+_SHIM_START = '__kb_f=$1; [ -z "$2" ] || ulimit -S -n "$2" 2>/dev/null; '
+SHIM = _SHIM_START + 'shift 2; "$@"; ' + _SHIM_END
 # The built-in shell profile: shell text (the task body) run in a subshell of the
 # shim itself -- one sh process and no exec instead of two -- with no positional
 # parameters and no shim variable set. The text comes in the environment, not
@@ -50,8 +52,11 @@ SHIM = '__kb_f=$1; shift; "$@"; ' + _SHIM_END
 # In a subshell $$ is the shim's pid and $PPID kanband's (POSIX); $0 is the
 # shim's name, kanband-worker.
 SHELL_TEXT = "KANBAN_SHELL_TEXT"
-SHELL_SHIM = (f'__kb_f=$1; __kb_b=${SHELL_TEXT}; unset {SHELL_TEXT}; '
+SHELL_SHIM = (_SHIM_START + f'__kb_b=${SHELL_TEXT}; unset {SHELL_TEXT}; '
               '( eval "set --; unset __kb_f __kb_b; $__kb_b" ); ' + _SHIM_END)
+# The soft limit of open files kanband started with, before it raised its own
+# (daemon._raise_nofile); workers get it back. None: not raised.
+worker_nofile: int | None = None
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The daemon's environment for a child, minus systemd's per-service
     variables (NOTIFY_SOCKET, WATCHDOG_*, LISTEN_*) and any KANBAN_* of ours."""
@@ -272,10 +277,11 @@ class Reaper:
         text run by the shim's own sh. On the loop thread only: a child must be
         tracked before reap_all can see it exit."""
         exit_file = str(run_dir / EXIT_FILE)
+        nofile = "" if worker_nofile is None else str(worker_nofile)
         if shell is None:
-            shim = ["/bin/sh", "-c", SHIM, "kanband-worker", exit_file, *argv]
+            shim = ["/bin/sh", "-c", SHIM, "kanband-worker", exit_file, nofile, *argv]
         else:
-            shim = ["/bin/sh", "-c", SHELL_SHIM, "kanband-worker", exit_file]
+            shim = ["/bin/sh", "-c", SHELL_SHIM, "kanband-worker", exit_file, nofile]
             env = {**env, SHELL_TEXT: shell}
         return subprocess.Popen(shim,
                                 cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fd,

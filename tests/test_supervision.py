@@ -112,6 +112,31 @@ def test_profile_with_a_script_placeholder_gets_the_body_file(kanband_factory):
     assert not (k.home / "runs" / run["id"] / "script.sh").exists()
 
 
+def test_workers_get_the_open_files_limit_kanband_started_with(kanband_factory):
+    """kanband raises its own soft RLIMIT_NOFILE to the hard limit (it holds many
+    descriptors); its workers get the soft limit it started with back, as a
+    program using select() expects."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        low = hard // 2
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        k = kanband_factory(toml(BASE, counter={"command": ["/bin/sh", "-c", "ulimit -n"],
+                                                "complete_on_exit": True}))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = Path(f"/proc/{daemon_pid(k)}/limits").read_text()
+    own_soft = int(next(line for line in limits.splitlines()
+                        if line.startswith("Max open files")).split()[3])
+    assert own_soft > low  # kanband raised its own
+    shell = k.create("limit", assignee="shell", body="ulimit -n")["id"]
+    other = k.create("limit", assignee="counter")["id"]
+    assert k.wait_status(shell, "done")["result"] == str(low)
+    assert k.wait_status(other, "done")["result"] == str(low)
+
+
 def test_shell_task_from_the_cli_and_wait(kd):
     """`kanbanctl create "build" --assignee shell --body ...` runs, and `wait` exits 0."""
     r = kd.ctl("create", "build", "--assignee", "shell", "--body", "echo make test ok", "-q")
