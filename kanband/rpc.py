@@ -178,6 +178,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pid, self.uid = 0, -1
         self.tasks: set[asyncio.Task[Any]] = set()
+        self._eof = False  # the client shut down its sending side
         self.closed = False
         self.on_close: list[Callable[[], None]] = []
         self._unpacker = unpacker(server.max_buffer)
@@ -242,9 +243,21 @@ class Connection(asyncio.Protocol):
         self._handle_all(msgs)
 
     def eof_received(self) -> bool:
-        # The client is done sending: close once the answers written so far are
-        # out. Requests still running (task.wait, a kill) end with the connection.
-        return False
+        # The client is done sending: answer what it sent, then close. The
+        # connection stays half-open while requests are queued or still running
+        # (task.wait, a kill); subscriptions alone do not hold it open.
+        self._eof = True
+        return bool(self._backlog or self.tasks)
+
+    def _close_if_answered(self) -> None:
+        """After the client's EOF: close once nothing it sent is left to answer."""
+        if self._eof and not self._backlog and not self.tasks and \
+                self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _request_done(self, task: "asyncio.Task[Any]") -> None:
+        self.tasks.discard(task)
+        self._close_if_answered()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -347,6 +360,7 @@ class Connection(asyncio.Protocol):
                 asyncio.get_running_loop().call_soon(self._pump)
         elif not self._write_paused:
             self.transport.resume_reading()
+            self._close_if_answered()
 
     def _run_batch(self, q: list[Any], n: int) -> int:
         """Handle up to `n` batchable requests from the front of `q` in one
@@ -403,7 +417,7 @@ class Connection(asyncio.Protocol):
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(self._finish(msgid, method, result))
                 self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                task.add_done_callback(self._request_done)
                 return True
             self.respond(msgid, None, result)
         except KanbanError as e:

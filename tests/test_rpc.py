@@ -4,6 +4,8 @@ answered and closed while the daemon keeps serving everyone else."""
 
 from __future__ import annotations
 
+import socket as _socket
+
 import msgpack
 import pytest
 
@@ -300,3 +302,20 @@ def test_method_table_names_are_dotted(shared_kd):
     for m in shared_kd.call("system.methods")["methods"]:
         area, _, verb = m["name"].partition(".")
         assert area and verb, m["name"]
+
+
+def test_half_closed_client_still_gets_its_running_answers(shared_kd):
+    """A client that sends its requests and shuts down its sending side (as
+    `nc -N` or a shell pipe does) gets every answer, including those of requests
+    still running when its EOF arrived (task.wait), and then the connection ends."""
+    kd = shared_kd
+    tid = kd.create("waited on")["id"]
+    with RawConn(kd.socket) as c:
+        c.request(1, "system.ping")
+        c.request(2, "task.wait", {"ids": [tid], "timeout": 30})
+        c.sock.shutdown(_socket.SHUT_WR)
+        assert c.read()[:3] == [1, 1, None]
+        kd.call("task.complete", id=tid, result="finished")  # task.wait answers now
+        msgs = c.read_until_eof()
+    assert len(msgs) == 1 and msgs[0][:3] == [1, 2, None], msgs
+    assert msgs[0][3]["tasks"][0]["status"] == "done", msgs[0][3]
