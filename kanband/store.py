@@ -832,12 +832,16 @@ class Store:
     def gc_events(self, before: float) -> int:
         """Delete events older than `before` of tasks that are done or archived.
         The newest event always stays: event ids are max(id) + 1, so keeping it
-        keeps every id ever handed out unique (subscribers' cursors rely on it)."""
+        keeps every id ever handed out unique (subscribers' cursors rely on it).
+        So do events a notify subscription has not delivered yet (a notifier
+        that keeps failing must not lose the event it is retrying)."""
         with self._tx() as db:
             n = db.execute(
                 "DELETE FROM events WHERE created_at < ? AND task_id IN"
                 " (SELECT id FROM tasks WHERE status IN ('done', 'archived'))"
-                " AND id < (SELECT max(id) FROM events)",
+                " AND id < (SELECT max(id) FROM events)"
+                " AND NOT EXISTS (SELECT 1 FROM notify_subs s"
+                " WHERE s.task_id = events.task_id AND s.last_event_id < events.id)",
                 (before,)).rowcount
             self._delta.append((None, -n))
             return n

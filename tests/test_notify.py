@@ -278,3 +278,30 @@ def test_undelivered_notification_survives_a_daemon_restart(kanband_factory, hom
     assert doc["event"]["kind"] == "completed" and doc["event"]["task_id"] == t
     wait_for(lambda: subs_of(k) == [], 10, "the subscription to end")
     assert len(json_lines(out)) == 1
+
+
+def test_gc_keeps_events_a_subscription_has_not_delivered(kanband_factory, home):
+    """gc with no event retention deletes old events of finished tasks, but not the
+    ones a notify subscription still has to deliver: they go out once the notifier
+    works, and are collected after that."""
+    out = home / "kept.jsonl"
+    k = kanband_factory(config(DAEMON))
+    t = k.create("watched")["id"]
+    other = k.create("unwatched")["id"]
+    k.call("notify.subscribe", task_id=t, platform="later")
+    k.call("task.complete", id=t, summary="done while nobody could be told")
+    k.call("task.complete", id=other, summary="nobody asked")
+    k.create("newest event")  # the board's newest event is always kept: not these
+    wait_for(lambda: any(e.get("event") == "notify_no_notifier" for e in k.log_events()), 10,
+             "the daemon to log that no notifier is configured")
+    k.call("board.gc", event_retention_days=0, log_retention_days=30)
+    kinds = [e["kind"] for e in k.call("task.show", id=t)["events"]]
+    assert "completed" in kinds, kinds
+    assert k.call("task.show", id=other)["events"] == []
+    k.write_config(config(DAEMON, notifiers={"later": notifier_cmd(home, out)}))
+    assert k.ctl("reload").returncode == 0
+    [doc] = delivered(out, 1)
+    assert doc["event"]["kind"] == "completed" and doc["event"]["task_id"] == t
+    wait_for(lambda: subs_of(k) == [], 10, "the subscription to end after delivery")
+    k.call("board.gc", event_retention_days=0, log_retention_days=30)
+    assert k.call("task.show", id=t)["events"] == []
