@@ -14,6 +14,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from kanband import __version__, context, gc, states, workspace
@@ -236,7 +237,7 @@ class Board:
         self.wake()
         return {"task": self.task_out(task)}
 
-    def claim(self, p: Params, caller: Caller) -> dict[str, Any]:
+    def claim(self, p: Params, caller: Caller) -> Any:
         tid = p.task_id()
         ttl = p.number("ttl", minimum=1)
         who = p.str("claimer") or _user_name(caller.uid)
@@ -248,10 +249,25 @@ class Board:
         if self.supervisor is not None and tid in self.supervisor.busy_tasks():
             raise Conflict(f"cannot claim {tid}: its previous worker is still exiting",
                            {"task_id": tid, "status": task["status"]})
+        if task["workspace_kind"] == "worktree" and self.supervisor is not None:
+            return self._claim_in_worktree(task, ttl, who)  # git runs off the loop's time
         try:
             ws = workspace.prepare(task, self.paths.workspaces)
         except OSError as e:
             raise Conflict(f"cannot claim {tid}: {e}") from None
+        return self._claim_now(task, ttl, who, ws)
+
+    async def _claim_in_worktree(self, task: dict[str, Any], ttl: float | None,
+                                 who: str) -> dict[str, Any]:
+        try:
+            ws = await self.supervisor.prepare_workspace(task)
+        except OSError as e:
+            raise Conflict(f"cannot claim {task['id']}: {e}") from None
+        return self._claim_now(task, ttl, who, ws)
+
+    def _claim_now(self, task: dict[str, Any], ttl: float | None, who: str,
+                   ws: Path) -> dict[str, Any]:
+        tid = task["id"]
         token = new_token()
         run = self.store.claim(tid, claimer=f"external:{who}", profile=task["assignee"],
                                lease_ttl=ttl or self.config.claim_ttl,

@@ -250,7 +250,8 @@ class Supervisor:
         for st in starts:
             self.starting[st.run_id] = st
             if st.task["workspace_kind"] == "worktree":
-                self._prepare_worktree(st)  # runs git: its child must not race reap_all
+                self._bg(self._start_in_worktree(st))
+                continue
             if inline:
                 self._prepare(st)
                 self._prepared(st, fresh=True)
@@ -263,11 +264,48 @@ class Supervisor:
             self._pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="kanband-spawn")
         return self._pool
 
-    def _prepare_worktree(self, st: "_Start") -> None:
+    async def _start_in_worktree(self, st: "_Start") -> None:
+        """A start whose workspace is a git worktree: git first (a helper process,
+        while the loop goes on), then the start's files and fork as in a burst."""
+        assert self.loop is not None
         try:
-            st.ws = workspace.prepare(st.task, self.paths.workspaces)
+            st.ws = await self.prepare_workspace(st.task)
         except OSError as e:
             st.error = str(e)
+        except Exception as e:  # never leave a start without an end
+            log.exception("worktree_failed", task_id=st.task["id"], run_id=st.run_id)
+            st.error = f"{type(e).__name__}: {e}"
+        fut = self.loop.run_in_executor(self._spawn_pool(), self._prepare, st)
+        fut.add_done_callback(lambda _f, st=st: self._prepared(st))
+
+    async def prepare_workspace(self, task: dict[str, Any]) -> Path:
+        """The task's workspace, made if missing. A worktree is added by `git
+        worktree add`, run as a helper (reaped like workers; the loop serves on
+        meanwhile), its output appended to the task's log."""
+        if task["workspace_kind"] != "worktree":
+            return workspace.prepare(task, self.paths.workspaces)
+        target, repo, branch = workspace.worktree_plan(task, self.paths.workspaces)
+        if target.is_dir():
+            return target
+        log_path = self.paths.logs / f"{task['id']}.log"
+        have = await self._git(repo, ["show-ref", "--verify", "--quiet", f"refs/heads/{branch}"],
+                               log_path, 60.0) == 0
+        start = log_path.stat().st_size if log_path.exists() else 0
+        code = await self._git(repo, ["worktree", "add", str(target)]
+                               + ([branch] if have else ["-b", branch]), log_path, 120.0)
+        if code != 0:
+            why = tail_text(log_path, start).strip() or (
+                f"exit status {code}" if code > 0 else f"killed by signal {-code} (timeout)")
+            raise OSError(f"cannot prepare workspace {target}: git worktree add failed: "
+                          f"{why[-500:]}")
+        return target
+
+    async def _git(self, repo: Path, args: list[str], log_path: Path, timeout: float) -> int:
+        try:
+            return await self.reaper.run_command(["git", "-C", str(repo), *args], stdin=b"",
+                                                 log_path=log_path, timeout=timeout)
+        except OSError as e:
+            raise OSError(f"cannot run git: {e}") from None
 
     def _prepare(self, st: "_Start") -> None:
         """The file work of a start (run directory, workspace, context, script,

@@ -44,6 +44,12 @@ def path_str(task: dict[str, Any], workspaces_root: str) -> str:
     return f"{workspaces_root}/{task['id']}"
 
 
+def worktree_plan(task: dict[str, Any], workspaces_root: Path) -> tuple[Path, Path, str]:
+    """(target directory, repository, branch) of a worktree workspace."""
+    return (path_for(task, workspaces_root), Path(task["workspace_path"]),
+            f"kanban/{task['id']}")
+
+
 def prepare(task: dict[str, Any], workspaces_root: Path) -> Path:
     """Create the workspace if needed (for worktrees: `git worktree add`, once)."""
     target = path_for(task, workspaces_root)

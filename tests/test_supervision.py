@@ -643,3 +643,74 @@ def test_workspace_dir_and_worktree(kanband_factory, home):
     branch = subprocess.run(["git", "-C", str(wt), "rev-parse", "--abbrev-ref", "HEAD"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert branch == f"kanban/{t2}"
+
+
+def _git_repo(path: Path) -> Path:
+    path.mkdir(parents=True)
+    git = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    (path / "README").write_text("hi\n")
+    subprocess.run(git + ["add", "README"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "init"], check=True)
+    return path
+
+
+def test_worktree_git_runs_while_kanband_serves(kanband_factory, home):
+    """`git worktree add` runs as a helper process, not on the daemon's time: while a
+    (deliberately stalled) git is running, kanband answers; the worker starts once
+    git is done, and git's output is in the task log."""
+    w = wdir(home)
+    repo = _git_repo(w / "repo")
+    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    fake = w / "bin"
+    fake.mkdir()
+    started, release = w / "git-started", w / "git-release"
+    (fake / "git").write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *"worktree add"*) touch {started}; i=0\n'
+        f'  while [ ! -e {release} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done;; esac\n'
+        f'exec {real_git} "$@"\n')
+    (fake / "git").chmod(0o755)
+    k = kanband_factory(toml(BASE), start=False)
+    k.__class__ = EnvKanband
+    k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    k.start()
+    tid = k.create("wt", assignee="shell", body="pwd\n", workspace=f"worktree:{repo}")["id"]
+    wait_for(started.exists, 20, "git worktree add to start")
+    with k.client(timeout=5) as c:  # answered while git is still held
+        assert c.call("system.ping")["pong"] is True
+        assert c.call("task.show", {"id": tid})["task"]["status"] == "running"
+    assert not release.exists()
+    release.touch()
+    task = k.wait_status(tid, "done")
+    assert os.path.realpath(task["result"]) == os.path.realpath(repo / ".worktrees" / tid)
+    log = k.call("task.log", id=tid)["text"]
+    assert "Preparing worktree" in log and log.index("Preparing worktree") < log.index(
+        "=== kanband: run")
+
+
+def test_worktree_that_git_refuses_is_spawn_failed_with_gits_words(kanband_factory, home):
+    """A worktree workspace in a directory that is not a git repository ends the
+    attempt spawn_failed, with git's own message in the error."""
+    notrepo = wdir(home) / "plain"
+    notrepo.mkdir()
+    k = kanband_factory(toml({**BASE, "failure_limit": 1}))
+    tid = k.create("no repo", assignee="shell", body="true",
+                   workspace=f"worktree:{notrepo}")["id"]
+    k.wait_status(tid, "blocked")
+    run = runs_of(k, tid)[0]
+    assert run["outcome"] == "spawn_failed"
+    assert "git worktree add failed" in run["error"] and "git repository" in run["error"]
+
+
+def test_external_claim_of_a_worktree_task_gets_the_worktree(kd, home):
+    """An external claimer of a worktree task gets the worktree, made by git for it."""
+    repo = _git_repo(wdir(home) / "repo2")
+    tid = kd.create("ext", workspace=f"worktree:{repo}")["id"]
+    got = kd.call("task.claim", id=tid)
+    assert os.path.realpath(got["workspace"]) == os.path.realpath(repo / ".worktrees" / tid)
+    assert (Path(got["workspace"]) / "README").exists()
+    branch = subprocess.run(["git", "-C", got["workspace"], "rev-parse", "--abbrev-ref", "HEAD"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert branch == f"kanban/{tid}"
