@@ -550,13 +550,18 @@ class Board:
             if watch & touched:
                 changed.set()
 
-    def gc(self, p: Params, caller: Caller) -> dict[str, Any]:
+    def gc(self, p: Params, caller: Caller) -> Any:
         event_days = p.number("event_retention_days", minimum=0, maximum=36500)
         log_days = p.number("log_retention_days", minimum=0, maximum=36500)
         p.done()
         self.check_scope("board.gc", caller)
-        report = gc.collect(self.store, self.paths, 30.0 if event_days is None else event_days,
-                            30.0 if log_days is None else log_days, now=self.clock())
+        return self._gc(30.0 if event_days is None else event_days,
+                        30.0 if log_days is None else log_days)
+
+    async def _gc(self, event_days: float, log_days: float) -> dict[str, Any]:
+        git = self.supervisor.git if self.supervisor is not None else None
+        report = await gc.collect(self.store, self.paths, event_days, log_days,
+                                  now=self.clock(), git=git)
         self._log_bytes_cache = None  # stats after gc shows what gc freed
         return report
 

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from kanband import states, workspace
 from kanband.paths import DaemonPaths
@@ -45,8 +45,21 @@ def _remove_tree(path: Path, root: Path, report: dict[str, Any], key: str) -> No
     report[key] += 1
 
 
-def collect(store: Store, paths: DaemonPaths, event_days: float, log_days: float,
-            now: float | None = None) -> dict[str, Any]:
+# Runs `git -C REPO ARGS...`; returns (exit status, its output).
+GitRunner = Callable[[Path, list[str]], Awaitable[tuple[int, str]]]
+
+
+async def _git_here(repo: Path, args: list[str]) -> tuple[int, str]:
+    """Without a daemon (tests, tools): git in this process, waited for."""
+    proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    return proc.returncode, proc.stderr
+
+
+async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days: float,
+                  now: float | None = None, git: GitRunner | None = None) -> dict[str, Any]:
+    """One gc pass. In the daemon `git` runs git as a helper process the event
+    loop awaits (Supervisor.git), so removing worktrees never blocks it."""
     now = now if now is not None else time.time()
     report: dict[str, Any] = {"workspaces": 0, "worktrees": 0, "events": 0, "logs": 0,
                               "run_dirs": 0, "refused": [], "errors": []}
@@ -60,13 +73,12 @@ def collect(store: Store, paths: DaemonPaths, event_days: float, log_days: float
             if target.is_symlink() or not inside(target, root):
                 report["refused"].append(str(target))
                 continue
-            proc = subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force",
-                                   str(target)], capture_output=True, text=True, timeout=120,
-                                  stdin=subprocess.DEVNULL)
-            if proc.returncode == 0:
+            code, out = await (git or _git_here)(repo, ["worktree", "remove", "--force",
+                                                        str(target)])
+            if code == 0:
                 report["worktrees"] += 1
             else:
-                report["errors"].append(f"{target}: {proc.stderr.strip()[:300]}")
+                report["errors"].append(f"{target}: {out.strip()[:300]}")
     report["events"] = store.gc_events(now - event_days * DAY)
     cutoff = now - log_days * DAY
     if paths.logs.is_dir():

@@ -300,6 +300,14 @@ class Supervisor:
                           f"{why[-500:]}")
         return target
 
+    async def git(self, repo: Path, args: list[str], timeout: float = 120.0) -> tuple[int, str]:
+        """`git -C repo args...` as a helper process; (exit status, its output).
+        The output also stays in <logs>/git.log."""
+        log_path = self.paths.logs / "git.log"
+        start = log_path.stat().st_size if log_path.exists() else 0
+        code = await self._git(repo, args, log_path, timeout)
+        return code, tail_text(log_path, start)
+
     async def _git(self, repo: Path, args: list[str], log_path: Path, timeout: float) -> int:
         try:
             return await self.reaper.run_command(["git", "-C", str(repo), *args], stdin=b"",

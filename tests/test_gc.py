@@ -207,3 +207,46 @@ def test_gc_is_an_operator_verb(kd):
     assert ei.value.code == "invalid_argument"
     assert kd.ctl("gc", "--log-retention-days", "soon").returncode == 2
     assert json.loads(kd.ctl("gc", "--json").stdout)["refused"] == []
+
+
+def test_gc_answers_other_clients_while_git_removes_a_worktree(kanband_factory, home):
+    """`git worktree remove` runs as a helper process: while a (deliberately stalled)
+    git is removing an archived task's worktree, kanband answers other clients; gc
+    answers once git is done."""
+    import threading
+
+    from supervision_helpers import EnvKanband
+    repo = home / "repo"
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "README").write_text("r\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    fake = home / "bin"
+    fake.mkdir()
+    started, release = home / "git-started", home / "git-release"
+    (fake / "git").write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *"worktree remove"*) touch {started}; i=0\n'
+        f'  while [ ! -e {release} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done;; esac\n'
+        f'exec {real_git} "$@"\n')
+    (fake / "git").chmod(0o755)
+    k = kanband_factory(start=False)
+    k.__class__ = EnvKanband
+    k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    k.start()
+    gone = shell_task(k, "wt archived", workspace=f"worktree:{repo}")
+    k.call("task.archive", id=gone)
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(r=gc(k)), daemon=True)
+    t.start()
+    wait_for(started.exists, 20, "git worktree remove to start")
+    with k.client(timeout=5) as c:  # answered while git is still held
+        assert c.call("system.ping")["pong"] is True
+    assert not release.exists() and "r" not in result
+    release.touch()
+    t.join(30)
+    assert result["r"]["worktrees"] == 1, result
+    assert not (repo / ".worktrees" / gone).exists()
