@@ -242,6 +242,8 @@ class Reaper:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.subreaper = False
         self.helpers: dict[int, asyncio.Future[int]] = {}  # pid -> exit code
+        self._scan: _Scan | None = None  # the latest /proc scan (see scan())
+        self._scanning: asyncio.Future[_Scan] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -412,8 +414,37 @@ class Reaper:
                 if ct is not None:
                     w.known[pid] = ct
 
-    def run_processes(self, w: Worker) -> list[psutil.Process]:
-        """Every live process attributed to the run, the worker itself included."""
+    async def scan(self, since: float | None = None) -> "_Scan":
+        """Every live process of ours by KANBAN_RUN_ID, and the live process
+        groups: one full /proc scan on a worker thread (not the event loop),
+        shared by every kill in progress. Returns a scan that started at or
+        after `since` (time.monotonic(); default: one under SCAN_TTL old)."""
+        assert self.loop is not None
+        if since is None:
+            since = time.monotonic() - SCAN_TTL
+        while True:
+            if self._scan is not None and self._scan.at >= since:
+                return self._scan
+            if self._scanning is None:
+                fut = self.loop.run_in_executor(None, _scan_processes, time.monotonic())
+                self._scanning = fut
+                fut.add_done_callback(self._scanned)
+            got = await asyncio.shield(self._scanning)
+            if got.at >= since:
+                return got
+
+    def _scanned(self, fut: "asyncio.Future[_Scan]") -> None:
+        if self._scanning is fut:
+            self._scanning = None
+        if not fut.cancelled() and fut.exception() is None:
+            if self._scan is None or fut.result().at >= self._scan.at:
+                self._scan = fut.result()
+
+    async def run_processes(self, w: Worker, since: float | None = None) -> list[psutil.Process]:
+        """Every live process attributed to the run, the worker itself included:
+        its tree, descendants seen earlier, and (from a shared scan, see scan())
+        every process carrying its KANBAN_RUN_ID. Members of its process group
+        without that variable are reached through the group."""
         found: dict[int, psutil.Process] = {}
 
         def add(p: psutil.Process) -> None:
@@ -424,47 +455,30 @@ class Reaper:
                 pass
 
         if same_process(w.pid, w.start_time):
-            main = psutil.Process(w.pid)
-            add(main)
-            try:
-                for c in main.children(recursive=True):
-                    add(c)
-            except psutil.Error:
-                pass
+            for pid in (w.pid, *descendants_of(w.pid)):
+                try:
+                    add(psutil.Process(pid))
+                except psutil.Error:
+                    pass
         for pid, ctime in list(w.known.items()):
             if same_process(pid, ctime):
                 add(psutil.Process(pid))
             else:
                 w.known.pop(pid, None)
-        mine = os.getuid()
-        for p in psutil.process_iter(["pid", "uids"]):
-            if p.pid in found or p.pid == os.getpid():
-                continue
-            try:
-                if p.info["uids"] and p.info["uids"].real != mine and mine != 0:
-                    continue
-                if w.pgid is not None and os.getpgid(p.pid) == w.pgid:
-                    add(p)
-                    continue
-                if p.environ().get("KANBAN_RUN_ID") == w.run_id:
-                    add(p)
-            except (psutil.Error, OSError):
-                continue
+        for p in (await self.scan(since)).by_run.get(w.run_id, ()):
+            if p.pid not in found:
+                add(p)
         return list(found.values())
 
+    async def group_alive(self, pgid: int | None, since: float | None = None) -> bool:
+        """Any non-zombie member left in the process group? (A shared scan.)"""
+        if not _group_exists(pgid):
+            return False
+        return pgid in (await self.scan(since)).live_groups
+
     def processes_by_run(self) -> dict[str, list[psutil.Process]]:
-        """Every live process of ours carrying a KANBAN_RUN_ID (a full scan)."""
-        out: dict[str, list[psutil.Process]] = {}
-        for p in psutil.process_iter(["pid"]):
-            if p.pid == os.getpid():
-                continue
-            try:
-                run_id = p.environ().get("KANBAN_RUN_ID")
-                if run_id and p.status() != psutil.STATUS_ZOMBIE:
-                    out.setdefault(run_id, []).append(p)
-            except psutil.Error:
-                continue
-        return out
+        """Every live process of ours carrying a KANBAN_RUN_ID (a full scan, here)."""
+        return _scan_processes(time.monotonic()).by_run
 
     def has_leftovers(self, w: Worker) -> bool:
         """Cheap check after a worker exits: anything of its run still alive?
@@ -490,19 +504,22 @@ class Reaper:
     async def kill_run(self, w: Worker, grace: float) -> bool:
         """SIGTERM, wait up to `grace`, SIGKILL; returns True if SIGKILL was needed.
         Returns only once every attributed process is gone (or unkillable)."""
-        procs = self.run_processes(w)
-        if not procs and not _group_alive(w.pgid):
+        procs = await self.run_processes(w)
+        if not procs and not await self.group_alive(w.pgid):
             return False
+        sent = time.monotonic()
         self._send(w, procs, signal.SIGTERM)
-        if await self._wait_gone(w, procs, grace) and not self.run_processes(w):
+        # the checks after a wait look at a scan made after the signal
+        if await self._wait_gone(w, procs, grace) and not await self.run_processes(w, sent):
             return False
         log.warning("worker_sigkill", task_id=w.task_id, run_id=w.run_id, pid=w.pid,
                     grace_s=grace)
-        procs = self.run_processes(w)
+        procs = await self.run_processes(w, time.monotonic())
+        sent = time.monotonic()
         self._send(w, procs, signal.SIGKILL)
-        if not await self._wait_gone(w, procs, 10.0) or self.run_processes(w):
+        if not await self._wait_gone(w, procs, 10.0) or await self.run_processes(w, sent):
             log.error("worker_unkillable", task_id=w.task_id, run_id=w.run_id,
-                      pids=[p.pid for p in self.run_processes(w)])
+                      pids=[p.pid for p in await self.run_processes(w)])
         return True
 
     def _send(self, w: Worker, procs: list[psutil.Process], sig: int) -> None:
@@ -519,7 +536,7 @@ class Reaper:
 
     async def _wait_gone(self, w: Worker, procs: list[psutil.Process], timeout: float) -> bool:
         """Wait until the signalled processes and the process group are gone. The
-        group check that scans /proc runs at most every 0.25 s."""
+        group check (a shared /proc scan) runs at most every SCAN_TTL."""
         deadline = time.monotonic() + timeout
         delay = 0.002
         next_scan = 0.0
@@ -529,13 +546,44 @@ class Reaper:
             if not alive and not _group_exists(w.pgid):
                 return True
             if not alive and time.monotonic() >= next_scan:
-                next_scan = time.monotonic() + 0.25
-                if not _group_alive(w.pgid):  # only zombies left in the group
-                    return True
+                next_scan = time.monotonic() + SCAN_TTL
+                if not await self.group_alive(w.pgid):
+                    return True  # only zombies left in the group
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.05)
+
+
+SCAN_TTL = 0.25  # seconds a full /proc scan is shared by the kills in progress
+
+
+@dataclass
+class _Scan:
+    at: float  # time.monotonic() when the scan started
+    by_run: dict[str, list[psutil.Process]]  # KANBAN_RUN_ID -> live processes
+    live_groups: set[int]  # process groups with a non-zombie member
+
+
+def _scan_processes(at: float) -> _Scan:
+    """Every process on the machine once: its KANBAN_RUN_ID and its group. File
+    reads only, no board state: run on a worker thread (Reaper.scan)."""
+    by_run: dict[str, list[psutil.Process]] = {}
+    groups: set[int] = set()
+    me = os.getpid()
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == me:
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            groups.add(os.getpgid(p.pid))
+            run_id = p.environ().get("KANBAN_RUN_ID")
+        except (psutil.Error, OSError):
+            continue
+        if run_id:
+            by_run.setdefault(run_id, []).append(p)
+    return _Scan(at, by_run, groups)
 
 
 def _alive(p: psutil.Process) -> bool:
