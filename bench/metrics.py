@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Callable
 import psutil
 
 from bench import harness as h
-from bench.harness import PY, Daemon, median, summary, toml
+from bench.harness import PY, Daemon, kill_strays, median, summary, toml
 from kanband.protocol import Client
 
 CTL = str(Path(sys.executable).parent / "kanbanctl")
@@ -506,6 +508,61 @@ def idle_1000(quick: bool) -> list[Row]:
         d.stop(graceful=False)
 
 
+def kill_burst(quick: bool) -> list[Row]:
+    """Many kills at once: archive 40 % of N running `sleep` workers in one go
+    (each archive kills its worker first), pinging the daemon meanwhile; then
+    stop the daemon (SIGTERM: it kills the rest) and count what is left."""
+    n = 200 if quick else 500
+    k = n * 2 // 5
+    d = Daemon(toml({"max_workers": n, "kill_grace": "1s"},
+                    sleeper={"command": ["sleep", "600"]})).start()
+    try:
+        c = d.client()
+        fill(c, n, batch=250, assignee="sleeper")
+        if d.wait_running(n, 400.0) < n:
+            raise RuntimeError(f"kill_burst: not all {n} workers running")
+        time.sleep(1.0)
+        ids = [t["id"] for t in c.call("task.list", {"status": ["running"]})["tasks"]][:k]
+        pinger = d.client()
+        pings: list[float] = []
+        done: list[float] = []
+
+        def archive_all() -> None:
+            t = time.perf_counter()
+            for res in c.call_many([("task.archive", {"id": i}) for i in ids]):
+                if not isinstance(res, dict):
+                    raise RuntimeError(f"kill_burst: archive failed: {res!r}")
+            done.append(time.perf_counter() - t)
+        th = threading.Thread(target=archive_all, daemon=True)
+        th.start()
+        while th.is_alive() or not pings:
+            t = time.perf_counter()
+            pinger.call("system.ping", {})
+            pings.append(time.perf_counter() - t)
+            time.sleep(0.005)
+        th.join()
+        if not done:
+            raise RuntimeError("kill_burst: the archives did not all answer")
+        assert d.proc is not None
+        t = time.perf_counter()
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(120)
+        stop_s = time.perf_counter() - t
+        left = kill_strays([d.root])  # anything of the daemon's still alive
+        det = {"workers": n, "archived": k, "pings": summary(pings, 1e3, 2)}
+        note = f"{n} `sleep 600` workers; {k} archived at once"
+        return [row("kill_burst.archive", done[0], "s", None, None, det,
+                    f"information: {note}, until every archive answered"),
+                row("kill_burst.ping_max", max(pings) * 1e3, "ms", None, None, det,
+                    "information: the slowest system.ping during those kills"),
+                row("kill_burst.stop", stop_s, "s", None, None, det,
+                    f"information: SIGTERM -> daemon gone, killing the other {n - k}"),
+                row("kill_burst.left", left, "processes", None, ("value", "<=", 0), det,
+                    "processes of the daemon's runs alive after it stopped")]
+    finally:
+        d.stop(graceful=False)
+
+
 # -- board size ------------------------------------------------------------------------------
 def _ctl_time(d: Daemon, args: list[str], n: int) -> list[float]:
     out = []
@@ -688,6 +745,7 @@ METRICS: dict[str, Callable[[bool], list[Row]]] = {
     "exit_detect": exit_detect,
     "throughput": throughput,
     "idle_1000": idle_1000,
+    "kill_burst": kill_burst,
     "board_100k": board_100k,
     "cap_accuracy": cap_accuracy,
 }
