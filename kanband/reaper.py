@@ -482,9 +482,10 @@ class Reaper:
 
     def has_leftovers(self, w: Worker) -> bool:
         """Cheap check after a worker exits: anything of its run still alive?
-        Its process group, descendants seen earlier, or orphans reparented to
-        us (we are the subreaper) that carry its KANBAN_RUN_ID."""
-        if _group_alive(w.pgid):
+        Its process group (any member: kill_run then tells live ones from
+        zombies, with a scan off the loop), descendants seen earlier, or orphans
+        reparented to us (we are the subreaper) that carry its KANBAN_RUN_ID."""
+        if _group_exists(w.pgid):
             return True
         if any(same_process(pid, ct) for pid, ct in w.known.items()):
             return True
@@ -602,19 +603,6 @@ def _group_exists(pgid: int | None) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
-
-
-def _group_alive(pgid: int | None) -> bool:
-    """Any non-zombie member left in the process group? (Scans /proc.)"""
-    if not _group_exists(pgid):
-        return False
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (psutil.Error, OSError):
-            continue
-    return False
 
 
 def read_exit_file(run_dir: Path) -> tuple[int | None, int | None] | None:
