@@ -12,6 +12,7 @@ anything else is refused and counted, never deleted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -45,6 +46,12 @@ def _remove_tree(path: Path, root: Path, report: dict[str, Any], key: str) -> No
     report[key] += 1
 
 
+def _remove_trees(trees: list[tuple[Path, Path, str]], report: dict[str, Any]) -> None:
+    """File work only (no board state): run on a worker thread."""
+    for path, root, key in trees:
+        _remove_tree(path, root, report, key)
+
+
 # Runs `git -C REPO ARGS...`; returns (exit status, its output).
 GitRunner = Callable[[Path, list[str]], Awaitable[tuple[int, str]]]
 
@@ -59,14 +66,18 @@ async def _git_here(repo: Path, args: list[str]) -> tuple[int, str]:
 async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days: float,
                   now: float | None = None, git: GitRunner | None = None) -> dict[str, Any]:
     """One gc pass. In the daemon `git` runs git as a helper process the event
-    loop awaits (Supervisor.git), so removing worktrees never blocks it."""
+    loop awaits (Supervisor.git), and directory trees (workspaces, run
+    directories: possibly large) are removed on a worker thread, so neither
+    blocks the loop. Log files are unlinked here, on the loop's time: a task
+    cannot start (and reopen its log) between the check and the unlink."""
     now = now if now is not None else time.time()
     report: dict[str, Any] = {"workspaces": 0, "worktrees": 0, "events": 0, "logs": 0,
                               "run_dirs": 0, "refused": [], "errors": []}
+    trees: list[tuple[Path, Path, str]] = []
     for task in store.list_tasks(statuses=[states.ARCHIVED]):
         target = workspace.path_for(task, paths.workspaces)
         if task["workspace_kind"] == "scratch":
-            _remove_tree(target, paths.workspaces, report, "workspaces")
+            trees.append((target, paths.workspaces, "workspaces"))
         elif task["workspace_kind"] == "worktree" and (target.exists() or target.is_symlink()):
             repo = Path(task["workspace_path"])
             root = repo / ".worktrees"
@@ -95,8 +106,9 @@ async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days:
                 report["logs"] += 1
             except OSError as e:
                 report["errors"].append(f"{p}: {e.strerror}")
-    for run_id in store.ended_run_ids(cutoff):
-        _remove_tree(paths.runs / run_id, paths.runs, report, "run_dirs")
+    trees += [(paths.runs / run_id, paths.runs, "run_dirs")
+              for run_id in store.ended_run_ids(cutoff)]
+    await asyncio.get_running_loop().run_in_executor(None, _remove_trees, trees, report)
     return report
 
 
