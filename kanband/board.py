@@ -76,6 +76,7 @@ class Board:
         self.supervisor: Any = None  # set by the daemon once supervision exists
         self._waiters: list[tuple[set[str], asyncio.Event]] = []
         self._log_bytes_cache: tuple[float, int] | None = None
+        self._gc_lock = asyncio.Lock()
         store.on_commit(self.events_committed)
 
     # -- caller and scope --------------------------------------------------
@@ -326,7 +327,9 @@ class Board:
         w = self._live_worker(self.store.get_task(tid))
         if w is None:
             return self._archive_now(tid)
-        return self._archive_after_kill(tid, w)
+        # shielded: a caller that goes away must not leave the kill done and the
+        # archive not (the run would stay open with no worker)
+        return asyncio.shield(self._archive_after_kill(tid, w))
 
     async def _archive_after_kill(self, tid: str, w: Any) -> dict[str, Any]:
         await self.supervisor.stop(w, "archived")
@@ -383,7 +386,7 @@ class Board:
         async def after_kill() -> Any:
             await self.supervisor.stop(w, "reclaimed")
             return record()
-        return after_kill()
+        return asyncio.shield(after_kill())  # see archive
 
     def heartbeat(self, p: Params, caller: Caller) -> dict[str, Any]:
         tid = p.task_id()
@@ -560,8 +563,9 @@ class Board:
 
     async def _gc(self, event_days: float, log_days: float) -> dict[str, Any]:
         git = self.supervisor.git if self.supervisor is not None else None
-        report = await gc.collect(self.store, self.paths, event_days, log_days,
-                                  now=self.clock(), git=git)
+        async with self._gc_lock:  # one pass at a time: they would remove the same things
+            report = await gc.collect(self.store, self.paths, event_days, log_days,
+                                      now=self.clock(), git=git)
         self._log_bytes_cache = None  # stats after gc shows what gc freed
         return report
 

@@ -208,6 +208,7 @@ class Worker:
     exit_code: int | None = None
     signal: int | None = None
     stopping: str | None = None  # the outcome a kill in progress will record
+    stop_task: asyncio.Future[None] | None = None  # Supervisor.stop's kill, once started
     stop_payload: dict[str, Any] = field(default_factory=dict)
     sigkilled: bool = False
     closed_by_board: bool = False  # complete/block closed the run; exit_grace runs

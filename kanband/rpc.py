@@ -11,6 +11,7 @@ import asyncio
 import grp
 import inspect
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from kanband.protocol import MAX_BUFFER, NOTIFY, REQUEST, RESPONSE, pack, unpack
 log = structlog.get_logger("kanband.rpc")
 WRITE_HIGH_WATER = 1024 * 1024  # unsent answer bytes per connection before we wait
 PUMP_BUDGET = 512  # requests of one connection handled per event-loop step
+HANGUP_CHECK = 1.0  # seconds between checks of a half-closed client (eof_received)
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,28 @@ class Connection(asyncio.Protocol):
         # connection stays half-open while requests are queued or still running
         # (task.wait, a kill); subscriptions alone do not hold it open.
         self._eof = True
-        return bool(self._backlog or self.tasks)
+        if not (self._backlog or self.tasks):
+            return False
+        self._watch_hangup()
+        return True
+
+    def _watch_hangup(self) -> None:
+        """While half-open: a client that closed outright (not just its sending
+        side) looks the same on a read. Linux reports POLLHUP only for the full
+        close: check every HANGUP_CHECK seconds, and end the connection then."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        try:
+            p = select.poll()
+            p.register(sock.fileno(), select.POLLHUP)
+            hung_up = bool(p.poll(0))
+        except (OSError, ValueError):
+            hung_up = True
+        if hung_up:
+            self.transport.abort()  # connection_lost cancels what is still running
+            return
+        asyncio.get_running_loop().call_later(HANGUP_CHECK, self._watch_hangup)
 
     def _close_if_answered(self) -> None:
         """After the client's EOF: close once nothing it sent is left to answer."""

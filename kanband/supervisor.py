@@ -64,6 +64,7 @@ class Supervisor:
         self._to_record: list[_Start] = []  # started this loop step, pid not yet written
         self._pool: ThreadPoolExecutor | None = None
         store.before_write = self._flush_starts
+        self._adding: dict[Path, asyncio.Future[Path]] = {}  # worktrees git is adding
 
     @property
     def claimer(self) -> str:
@@ -272,9 +273,15 @@ class Supervisor:
             st.ws = await self.prepare_workspace(st.task)
         except OSError as e:
             st.error = str(e)
+        except asyncio.CancelledError:  # shutting down: end the start, then go
+            self._prepared(st)
+            raise
         except Exception as e:  # never leave a start without an end
             log.exception("worktree_failed", task_id=st.task["id"], run_id=st.run_id)
             st.error = f"{type(e).__name__}: {e}"
+        if self.stopping:  # the spawn threads may be gone; nothing more to start
+            self._prepared(st)
+            return
         fut = self.loop.run_in_executor(self._spawn_pool(), self._prepare, st)
         fut.add_done_callback(lambda _f, st=st: self._prepared(st))
 
@@ -285,9 +292,21 @@ class Supervisor:
         if task["workspace_kind"] != "worktree":
             return workspace.prepare(task, self.paths.workspaces)
         target, repo, branch = workspace.worktree_plan(task, self.paths.workspaces)
-        if target.is_dir():
-            return target
+        # One git per worktree at a time (a start and an external claim may race),
+        # and a caller that goes away does not kill git halfway through a checkout.
+        adding = self._adding.get(target)
+        if adding is None:
+            if target.is_dir():
+                return target
+            adding = asyncio.ensure_future(self._add_worktree(task, target, repo, branch))
+            self._adding[target] = adding
+            adding.add_done_callback(lambda _f: self._adding.pop(target, None))
+        return await asyncio.shield(adding)
+
+    async def _add_worktree(self, task: dict[str, Any], target: Path, repo: Path,
+                            branch: str) -> Path:
         log_path = self.paths.logs / f"{task['id']}.log"
+        _log_note(log_path, f"git worktree add {target} ({branch})")
         have = await self._git(repo, ["show-ref", "--verify", "--quiet", f"refs/heads/{branch}"],
                                log_path, 60.0) == 0
         start = log_path.stat().st_size if log_path.exists() else 0
@@ -533,13 +552,24 @@ class Supervisor:
     # -- stopping --------------------------------------------------------------------
     async def stop(self, w: Worker, reason: str, record: Any = None) -> Worker:
         """Kill the run's whole tree, then (still in one loop step) `record(w)`.
-        Only one stop or exit path finalizes a worker; later callers wait for it."""
-        if w.stopping is not None:
-            await w.finished.wait()
-            return w
-        w.stopping = reason
-        w.cancel_timers()
-        w.sigkilled = await self.reaper.kill_run(w, self.config.kill_grace)
+        Only one stop or exit path finalizes a worker; later callers wait for it.
+        The kill runs in a task of its own: a caller that goes away (its client
+        disconnected, say) cannot leave a worker half-stopped."""
+        if w.stop_task is None:
+            if w.stopping is not None:  # exiting on its own: that path finalizes it
+                await w.finished.wait()
+                return w
+            w.stopping = reason
+            w.cancel_timers()
+            w.stop_task = asyncio.ensure_future(self._stop_now(w, reason, record))
+        await asyncio.shield(w.stop_task)
+        return w
+
+    async def _stop_now(self, w: Worker, reason: str, record: Any) -> None:
+        try:
+            w.sigkilled = await self.reaper.kill_run(w, self.config.kill_grace)
+        except Exception:  # still finalize below: nobody may wait on this worker forever
+            log.exception("kill_failed", task_id=w.task_id, run_id=w.run_id, pid=w.pid)
         if not w.exited.is_set():
             try:
                 await asyncio.wait_for(w.exited.wait(), 5.0)
@@ -555,7 +585,6 @@ class Supervisor:
                     w.run_id, w.exit_code, w.signal))
         finally:
             self._finalize(w)
-        return w
 
     async def stop_run(self, run_id: str, reason: str) -> Worker | None:
         w = self.workers.get(run_id)

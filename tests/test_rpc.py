@@ -319,3 +319,35 @@ def test_half_closed_client_still_gets_its_running_answers(shared_kd):
         msgs = c.read_until_eof()
     assert len(msgs) == 1 and msgs[0][:3] == [1, 2, None], msgs
     assert msgs[0][3]["tasks"][0]["status"] == "done", msgs[0][3]
+
+
+def test_client_that_closes_outright_is_let_go_with_requests_running(kd):
+    """A client that closes its socket outright while its requests are still
+    running (task.wait with no timeout) looks like a half-close at first; kanband
+    notices the hang-up, cancels those requests and frees the connection."""
+    import os
+    import time as _time
+
+    from conftest import wait_for
+    tid = kd.create("never finishes", triage=True)["id"]
+    fds = f"/proc/{kd.proc.pid}/fd"
+
+    def sockets() -> int:
+        n = 0
+        for f in os.listdir(fds):
+            try:
+                n += os.readlink(f"{fds}/{f}").startswith("socket:")
+            except OSError:
+                pass
+        return n
+    kd.call("system.ping")
+    before = sockets()
+    conns = [RawConn(kd.socket) for _ in range(5)]
+    for i, c in enumerate(conns):
+        c.request(i, "task.wait", {"ids": [tid]})
+    wait_for(lambda: sockets() >= before + 5, 10, "the daemon to hold 5 connections")
+    _time.sleep(0.2)  # let the waits start (they run until their tasks end: never)
+    for c in conns:
+        c.sock.close()
+    wait_for(lambda: sockets() <= before, 15, "the daemon to let the closed connections go")
+    ping_ok(kd)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
+from kanband.errors import KanbanError
 from conftest import events_of, kinds_of, snapshot, wait_for
 from supervision_helpers import *  # noqa: F401,F403  (also activates kill_leftovers)
 from supervision_helpers import (EnvKanband, children_under, daemon_pid, live_workers,
@@ -714,3 +715,53 @@ def test_external_claim_of_a_worktree_task_gets_the_worktree(kd, home):
     branch = subprocess.run(["git", "-C", got["workspace"], "rev-parse", "--abbrev-ref", "HEAD"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert branch == f"kanban/{tid}"
+
+
+def test_shutdown_during_an_archive_whose_client_left_does_not_hang(kanband_factory, home):
+    """A client archives a task whose worker ignores SIGTERM, then kanband is told
+    to stop while that kill is still in its grace period (which closes the client's
+    connection): the kill carries on, the archive is recorded, and kanband exits."""
+    w = wdir(home)
+    pidf = w / "stubborn.pid"
+    k = kanband_factory(toml({**BASE, "kill_grace": 3}, stubborn={
+        "command": wcmd("--ignore-sigterm", "--write-pid", pidf, "--sleep", "inf")}))
+    tid = k.create("stubborn", assignee="stubborn")["id"]
+    wait_for(lambda: pidf.exists() and pidf.read_text().strip(), 20, "the worker to start")
+    c = k.client(timeout=30)
+    c.send("task.archive", {"id": tid})
+    wait_for(lambda: [w for w in k.call("daemon.status")["workers"]
+                      if w["stopping"] == "archived"], 10, "the archive's kill to begin")
+    k.proc.send_signal(signal.SIGTERM)  # during the archive's kill_grace
+    k.proc.wait(30)  # raises TimeoutExpired if kanband hangs
+    c.close()
+    k.start()
+    task = k.task(tid)
+    assert task["status"] == "archived", task
+    assert not live_workers(k)
+
+
+def test_two_claims_racing_for_a_worktree_task_get_one_whole_worktree(kd, home):
+    """Two external claims of one worktree task sent together: git adds the worktree
+    once, the claim that wins gets it complete, the other is refused."""
+    repo = _git_repo(wdir(home) / "big")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for i in range(400):
+        (repo / f"f{i:03d}.txt").write_text(f"{i}\n" * 50)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "many"], check=True)
+    tid = kd.create("raced", workspace=f"worktree:{repo}")["id"]
+    a, b = kd.client(timeout=60), kd.client(timeout=60)
+    ma, mb = a.send("task.claim", {"id": tid}), b.send("task.claim", {"id": tid})
+    results = []
+    for c, m in ((a, ma), (b, mb)):
+        try:
+            results.append(c.receive(m))
+        except KanbanError as e:
+            results.append(e)
+    wins = [r for r in results if isinstance(r, dict)]
+    assert len(wins) == 1, results
+    assert isinstance(next(r for r in results if not isinstance(r, dict)), KanbanError)
+    ws = Path(wins[0]["workspace"])
+    assert len(list(ws.glob("f*.txt"))) == 400  # whole when the winner got it
+    log = kd.call("task.log", id=tid)["text"]
+    assert log.count("=== kanband: git worktree add") == 1, log
