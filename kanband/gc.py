@@ -25,6 +25,7 @@ from kanband.paths import DaemonPaths
 from kanband.store import Store
 
 DAY = 86400.0
+EVENTS_PER_CHUNK = 5000  # events deleted per transaction
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -90,7 +91,12 @@ async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days:
                 report["worktrees"] += 1
             else:
                 report["errors"].append(f"{target}: {out.strip()[:300]}")
-    report["events"] = store.gc_events(now - event_days * DAY)
+    while True:  # in chunks, each its own transaction: the loop serves in between
+        n = store.gc_events(now - event_days * DAY, limit=EVENTS_PER_CHUNK)
+        report["events"] += n
+        if n < EVENTS_PER_CHUNK:
+            break
+        await asyncio.sleep(0)
     cutoff = now - log_days * DAY
     if paths.logs.is_dir():
         logs = [p for p in paths.logs.iterdir() if p.suffix == ".log"]

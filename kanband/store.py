@@ -829,19 +829,21 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM notify_subs WHERE id = ?", (sub_id,))
 
-    def gc_events(self, before: float) -> int:
+    def gc_events(self, before: float, limit: int | None = None) -> int:
         """Delete events older than `before` of tasks that are done or archived.
         The newest event always stays: event ids are max(id) + 1, so keeping it
         keeps every id ever handed out unique (subscribers' cursors rely on it).
         So do events a notify subscription has not delivered yet (a notifier
-        that keeps failing must not lose the event it is retrying)."""
+        that keeps failing must not lose the event it is retrying). `limit`:
+        delete at most that many (one transaction; call again for more)."""
         with self._tx() as db:
             n = db.execute(
-                "DELETE FROM events WHERE created_at < ? AND task_id IN"
-                " (SELECT id FROM tasks WHERE status IN ('done', 'archived'))"
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < ?"
+                " AND task_id IN (SELECT id FROM tasks WHERE status IN ('done', 'archived'))"
                 " AND id < (SELECT max(id) FROM events)"
                 " AND NOT EXISTS (SELECT 1 FROM notify_subs s"
-                " WHERE s.task_id = events.task_id AND s.last_event_id < events.id)",
+                " WHERE s.task_id = events.task_id AND s.last_event_id < events.id)"
+                + (f" LIMIT {int(limit)}" if limit else "") + ")",
                 (before,)).rowcount
             self._delta.append((None, -n))
             return n

@@ -107,3 +107,23 @@ def test_gc_never_deletes_the_newest_event(tmp_path):
         assert s.event_head() == head + 1
     finally:
         s.close()
+
+
+def test_gc_deletes_events_in_chunks_to_the_same_end(tmp_path):
+    """gc deletes events a chunk at a time (one transaction each, so the daemon
+    serves in between); the chunks add up to the one-go result, newest kept."""
+    s = store.Store(tmp_path / "kanban.db")
+    try:
+        for i in range(7):
+            t, _ = s.create_task({"title": f"t{i}"}, [], triage=False, now=1.0)
+            s.complete(t["id"], result="ok", summary=None, metadata=None, now=2.0)
+        head = s.event_head()
+        chunks = []
+        while (n := s.gc_events(before=1e12, limit=3)) == 3:
+            chunks.append(n)
+        chunks.append(n)
+        assert sum(chunks) == head - 1 and all(c <= 3 for c in chunks) and len(chunks) > 2
+        assert [e["id"] for e in s.events()] == [head]
+        assert s.event_count() == 1
+    finally:
+        s.close()
