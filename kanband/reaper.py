@@ -421,18 +421,18 @@ class Reaper:
         shared by every kill in progress. Returns a scan that started at or
         after `since` (time.monotonic(); default: one under SCAN_TTL old)."""
         assert self.loop is not None
-        if since is None:
-            since = time.monotonic() - SCAN_TTL
+        fresh = since is not None  # must have started after `since` (after a signal)
         while True:
-            if self._scan is not None and self._scan.at >= since:
+            floor = since if since is not None else time.monotonic() - SCAN_TTL
+            if self._scan is not None and self._scan.at >= floor:
                 return self._scan
             if self._scanning is None:
                 fut = self.loop.run_in_executor(None, _scan_processes, time.monotonic())
                 self._scanning = fut
                 fut.add_done_callback(self._scanned)
             got = await asyncio.shield(self._scanning)
-            if got.at >= since:
-                return got
+            if not fresh or got.at >= floor:
+                return got  # a scan in progress when asked is recent enough, unless `since`
 
     def _scanned(self, fut: "asyncio.Future[_Scan]") -> None:
         if self._scanning is fut:

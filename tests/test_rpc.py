@@ -326,7 +326,6 @@ def test_client_that_closes_outright_is_let_go_with_requests_running(kd):
     running (task.wait with no timeout) looks like a half-close at first; kanband
     notices the hang-up, cancels those requests and frees the connection."""
     import os
-    import time as _time
 
     from conftest import wait_for
     tid = kd.create("never finishes", triage=True)["id"]
@@ -340,14 +339,13 @@ def test_client_that_closes_outright_is_let_go_with_requests_running(kd):
             except OSError:
                 pass
         return n
-    kd.call("system.ping")
-    before = sockets()
     conns = [RawConn(kd.socket) for _ in range(5)]
     for i, c in enumerate(conns):
-        c.request(i, "task.wait", {"ids": [tid]})
-    wait_for(lambda: sockets() >= before + 5, 10, "the daemon to hold 5 connections")
-    _time.sleep(0.2)  # let the waits start (they run until their tasks end: never)
+        c.request(i, "task.wait", {"ids": [tid]})  # runs until the task ends: never
+        c.request(100 + i, "system.ping")  # answered while the wait runs: both are in
+        assert c.read()[:3] == [1, 100 + i, None]
+    held = sockets()
     for c in conns:
         c.sock.close()
-    wait_for(lambda: sockets() <= before, 15, "the daemon to let the closed connections go")
+    wait_for(lambda: sockets() <= held - 5, 15, "the daemon to let the closed connections go")
     ping_ok(kd)
