@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -57,13 +56,6 @@ def _remove_trees(trees: list[tuple[Path, Path, str]], report: dict[str, Any]) -
 GitRunner = Callable[[Path, list[str]], Awaitable[tuple[int, str]]]
 
 
-async def _git_here(repo: Path, args: list[str]) -> tuple[int, str]:
-    """Without a daemon (tests, tools): git in this process, waited for."""
-    proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
-    return proc.returncode, proc.stderr
-
-
 async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days: float,
                   now: float | None = None, git: GitRunner | None = None) -> dict[str, Any]:
     """One gc pass. In the daemon `git` runs git as a helper process the event
@@ -85,8 +77,10 @@ async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days:
             if target.is_symlink() or not inside(target, root):
                 report["refused"].append(str(target))
                 continue
-            code, out = await (git or _git_here)(repo, ["worktree", "remove", "--force",
-                                                        str(target)])
+            if git is None:  # only the daemon's supervisor runs git
+                report["errors"].append(f"{target}: no supervisor to run git")
+                continue
+            code, out = await git(repo, ["worktree", "remove", "--force", str(target)])
             if code == 0:
                 report["worktrees"] += 1
             else:

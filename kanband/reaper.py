@@ -471,11 +471,11 @@ class Reaper:
                 add(p)
         return list(found.values())
 
-    async def group_alive(self, pgid: int | None, since: float | None = None) -> bool:
+    async def group_alive(self, pgid: int | None) -> bool:
         """Any non-zombie member left in the process group? (A shared scan.)"""
         if not _group_exists(pgid):
             return False
-        return pgid in (await self.scan(since)).live_groups
+        return pgid in (await self.scan()).live_groups
 
     def processes_by_run(self) -> dict[str, list[psutil.Process]]:
         """Every live process of ours carrying a KANBAN_RUN_ID (a full scan, here)."""

@@ -257,8 +257,14 @@ class Supervisor:
                 self._prepare(st)
                 self._prepared(st, fresh=True)
             else:
-                fut = self.loop.run_in_executor(self._spawn_pool(), self._prepare, st)
-                fut.add_done_callback(lambda _f, st=st: self._prepared(st))
+                self._prepare_on_pool(st)
+
+    def _prepare_on_pool(self, st: "_Start") -> None:
+        """Prepare the start's files on a spawn thread, then fork its worker on
+        the loop (_prepared)."""
+        assert self.loop is not None
+        fut = self.loop.run_in_executor(self._spawn_pool(), self._prepare, st)
+        fut.add_done_callback(lambda _f, st=st: self._prepared(st))
 
     def _spawn_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -268,7 +274,6 @@ class Supervisor:
     async def _start_in_worktree(self, st: "_Start") -> None:
         """A start whose workspace is a git worktree: git first (a helper process,
         while the loop goes on), then the start's files and fork as in a burst."""
-        assert self.loop is not None
         try:
             st.ws = await self.prepare_workspace(st.task)
         except OSError as e:
@@ -282,8 +287,7 @@ class Supervisor:
         if self.stopping:  # the spawn threads may be gone; nothing more to start
             self._prepared(st)
             return
-        fut = self.loop.run_in_executor(self._spawn_pool(), self._prepare, st)
-        fut.add_done_callback(lambda _f, st=st: self._prepared(st))
+        self._prepare_on_pool(st)
 
     async def prepare_workspace(self, task: dict[str, Any]) -> Path:
         """The task's workspace, made if missing. A worktree is added by `git
@@ -309,11 +313,11 @@ class Supervisor:
         _log_note(log_path, f"git worktree add {target} ({branch})")
         have = await self._git(repo, ["show-ref", "--verify", "--quiet", f"refs/heads/{branch}"],
                                log_path, 60.0) == 0
-        start = log_path.stat().st_size if log_path.exists() else 0
-        code = await self._git(repo, ["worktree", "add", str(target)]
-                               + ([branch] if have else ["-b", branch]), log_path, 120.0)
+        code, out = await self._git_output(repo, ["worktree", "add", str(target)]
+                                           + ([branch] if have else ["-b", branch]),
+                                           log_path, 120.0)
         if code != 0:
-            why = tail_text(log_path, start).strip() or (
+            why = out.strip() or (
                 f"exit status {code}" if code > 0 else f"killed by signal {-code} (timeout)")
             raise OSError(f"cannot prepare workspace {target}: git worktree add failed: "
                           f"{why[-500:]}")
@@ -322,7 +326,11 @@ class Supervisor:
     async def git(self, repo: Path, args: list[str], timeout: float = 120.0) -> tuple[int, str]:
         """`git -C repo args...` as a helper process; (exit status, its output).
         The output also stays in <logs>/git.log."""
-        log_path = self.paths.logs / "git.log"
+        return await self._git_output(repo, args, self.paths.logs / "git.log", timeout)
+
+    async def _git_output(self, repo: Path, args: list[str], log_path: Path,
+                          timeout: float) -> tuple[int, str]:
+        """_git, and what it appended to `log_path`."""
         start = log_path.stat().st_size if log_path.exists() else 0
         code = await self._git(repo, args, log_path, timeout)
         return code, tail_text(log_path, start)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -51,26 +50,16 @@ def worktree_plan(task: dict[str, Any], workspaces_root: Path) -> tuple[Path, Pa
 
 
 def prepare(task: dict[str, Any], workspaces_root: Path) -> Path:
-    """Create the workspace if needed (for worktrees: `git worktree add`, once)."""
+    """Create a scratch or dir: workspace if needed. A worktree is added by git,
+    which only the supervisor runs (Supervisor.prepare_workspace)."""
     target = path_for(task, workspaces_root)
-    kind = task["workspace_kind"]
-    try:
-        if kind in ("scratch", "dir"):
-            target.mkdir(parents=True, exist_ok=True)
-            return target
+    if task["workspace_kind"] == "worktree":
         if target.is_dir():
             return target
-        repo = Path(task["workspace_path"])
-        branch = f"kanban/{task['id']}"
-        have_branch = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],
-            capture_output=True, text=True, timeout=60).returncode == 0
-        cmd = ["git", "-C", str(repo), "worktree", "add", str(target)]
-        cmd += [branch] if have_branch else ["-b", branch]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise OSError(f"git worktree add failed: {(proc.stderr or proc.stdout).strip()}")
+        raise OSError(f"cannot prepare workspace {target}: a worktree is added by the "
+                      "daemon's supervisor")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
         return target
-    except (OSError, subprocess.SubprocessError) as e:
+    except OSError as e:
         raise OSError(f"cannot prepare workspace {target}: {e}") from None
