@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,37 @@ def wdir(home: Path) -> Path:
     d = home / "w"
     d.mkdir(exist_ok=True)
     return d
+
+
+def git_repo(path: Path, files: dict[str, str] | None = None) -> Path:
+    """A git repository at `path` with one commit of `files` (default: a README)."""
+    path.mkdir(parents=True)
+    git = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    for name, text in (files or {"README": "hi\n"}).items():
+        (path / name).write_text(text)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "init"], check=True)
+    return path
+
+
+def stalled_git(where: Path, step: str) -> tuple[Path, Path, Path]:
+    """A `git` for the front of a daemon's PATH that holds `git ... <step> ...`
+    (e.g. "worktree add") until a release file exists (at most 30 s), then runs
+    the real git. Returns (its directory, the file it creates once holding, the
+    release file)."""
+    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    fake = where / "bin"
+    fake.mkdir()
+    started, release = where / "git-started", where / "git-release"
+    (fake / "git").write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *"{step}"*) touch {started}; i=0\n'
+        f'  while [ ! -e {release} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done;; esac\n'
+        f'exec {real_git} "$@"\n')
+    (fake / "git").chmod(0o755)
+    return fake, started, release
 
 
 def runs_of(k: Kanband, task_id: str) -> list[dict[str, Any]]:

@@ -569,24 +569,21 @@ def test_context_marks_truncation(shared_kd):
 def test_context_counts_older_attempts_and_comments(shared_kd):
     """Only the last 10 attempts and 30 comments are shown; the older ones are counted."""
     kd = shared_kd
-    t = kd.create("busy")["id"]
-    for _ in range(12):
-        kd.call("task.claim", id=t)
-        kd.call("task.reclaim", id=t)
-    for i in range(32):
-        kd.call("task.comment", id=t, body=f"comment number {i:02d}")
-    text = kd.call("task.context", id=t)["text"]
+
+    def context_after(title: str, attempts: int, comments: int) -> str:
+        t = kd.create(title)["id"]
+        for _ in range(attempts):
+            kd.call("task.claim", id=t)
+            kd.call("task.reclaim", id=t)
+        for i in range(comments):
+            kd.call("task.comment", id=t, body=f"comment number {i:02d}")
+        return kd.call("task.context", id=t)["text"]
+    text = context_after("busy", 12, 32)
     assert text.count("reclaimed") == 10 and "(2 older attempts not shown)" in text
     assert "comment number 01" not in text and "comment number 02" in text
     assert "comment number 31" in text and "(2 older comments not shown)" in text
     # exactly at the caps: nothing is counted as older
-    u = kd.create("at the caps")["id"]
-    for _ in range(10):
-        kd.call("task.claim", id=u)
-        kd.call("task.reclaim", id=u)
-    for i in range(30):
-        kd.call("task.comment", id=u, body=f"c{i}")
-    text = kd.call("task.context", id=u)["text"]
+    text = context_after("at the caps", 10, 30)
     assert text.count("reclaimed") == 10 and "older" not in text
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from kanband.errors import KanbanError
 from stream_helpers import reap_leftovers, wait_for
+from supervision_helpers import EnvKanband, git_repo, stalled_git
 
 assert reap_leftovers  # autouse: kills what a test left running
 
@@ -92,12 +93,7 @@ def test_gc_refuses_a_workspace_symlinked_outside_its_root(kd, home):
 def test_gc_worktree_of_an_archived_task_is_removed_inside_the_repo_only(kd, home):
     """An archived task's git worktree is removed with `git worktree remove`, leaving the
     repository and a done task's worktree in place."""
-    repo = home / "repo"
-    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    (repo / "README").write_text("r\n")
-    subprocess.run([*git, "add", "README"], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    repo = git_repo(home / "repo", {"README": "r\n"})
     gone = shell_task(kd, "wt archived", workspace=f"worktree:{repo}")
     kept = shell_task(kd, "wt done", workspace=f"worktree:{repo}")
     assert (repo / ".worktrees" / gone / "out.txt").exists()
@@ -215,24 +211,8 @@ def test_gc_answers_other_clients_while_git_removes_a_worktree(kanband_factory, 
     answers once git is done."""
     import threading
 
-    from supervision_helpers import EnvKanband
-    repo = home / "repo"
-    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    (repo / "README").write_text("r\n")
-    subprocess.run([*git, "add", "README"], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
-    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    fake = home / "bin"
-    fake.mkdir()
-    started, release = home / "git-started", home / "git-release"
-    (fake / "git").write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in *"worktree remove"*) touch {started}; i=0\n'
-        f'  while [ ! -e {release} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done;; esac\n'
-        f'exec {real_git} "$@"\n')
-    (fake / "git").chmod(0o755)
+    repo = git_repo(home / "repo", {"README": "r\n"})
+    fake, started, release = stalled_git(home, "worktree remove")
     k = kanband_factory(start=False)
     k.__class__ = EnvKanband
     k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}

@@ -17,7 +17,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 
@@ -99,38 +99,30 @@ def check_spawned_before_end(k: Kanband, tid: str, runs: list[dict[str, Any]],
         assert isinstance(pid, int) and pid > 0 and pid == run["worker_pid"], (pid, run)
 
 
-def processes_of_home(home: Path) -> list[tuple[int, list[str]]]:
-    """Live (non-zombie) processes carrying `home` in argv or environment."""
-    marker = str(home)
-    out = []
+def _live_processes() -> Iterator[tuple[int, list[str], dict[str, str]]]:
+    """(pid, argv, environment) of every live (non-zombie) process we may read."""
     for p in psutil.process_iter(["pid"]):
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
                 continue
-            cmd = p.cmdline() or []
-            env = p.environ()
+            yield p.pid, p.cmdline() or [], p.environ()
         except psutil.Error:
             continue
-        if any(marker in part for part in cmd) or \
-                any(marker in env.get(v, "") for v in ("KANBAN_SOCKET", "KANBAN_HOME")):
-            out.append((p.pid, cmd))
-    return out
+
+
+def processes_of_home(home: Path) -> list[tuple[int, list[str]]]:
+    """Live (non-zombie) processes carrying `home` in argv or environment."""
+    marker = str(home)
+    return [(pid, cmd) for pid, cmd, env in _live_processes()
+            if any(marker in part for part in cmd)
+            or any(marker in env.get(v, "") for v in ("KANBAN_SOCKET", "KANBAN_HOME"))]
 
 
 def task_processes(home: Path, task_ids: set[str]) -> list[tuple[int, str]]:
     """Live processes (any depth) whose environment names one of these tasks."""
     marker = str(home)
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            env = p.environ()
-        except psutil.Error:
-            continue
-        if marker in env.get("KANBAN_SOCKET", "") and env.get("KANBAN_TASK_ID") in task_ids:
-            out.append((p.pid, env["KANBAN_TASK_ID"]))
-    return out
+    return [(pid, env["KANBAN_TASK_ID"]) for pid, _cmd, env in _live_processes()
+            if marker in env.get("KANBAN_SOCKET", "") and env.get("KANBAN_TASK_ID") in task_ids]
 
 
 def db_read(home: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -18,8 +18,9 @@ import psutil
 from kanband.errors import KanbanError
 from conftest import events_of, kinds_of, snapshot, wait_for
 from supervision_helpers import *  # noqa: F401,F403  (also activates kill_leftovers)
-from supervision_helpers import (EnvKanband, children_under, daemon_pid, live_workers,
-                                 runs_of, toml, wcmd, wdir, zombies_under)
+from supervision_helpers import (EnvKanband, children_under, daemon_pid, git_repo,
+                                 live_workers, runs_of, stalled_git, toml, wcmd, wdir,
+                                 zombies_under)
 
 BASE = {"kill_grace": 0.5, "retry_backoff": 60, "failure_limit": 3, "exit_grace": 2}
 
@@ -628,13 +629,7 @@ def test_workspace_dir_and_worktree(kanband_factory, home):
     d = json.loads((target.parent / f"dump-{t1}.json").read_text())
     assert os.path.realpath(d["cwd"]) == os.path.realpath(target)
 
-    repo = w / "repo"
-    repo.mkdir()
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    (repo / "README").write_text("hi\n")
-    subprocess.run(git + ["add", "README"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "init"], check=True)
+    repo = git_repo(w / "repo")
     t2 = k.create("wt ws", assignee="where", workspace=f"worktree:{repo}")["id"]
     k.wait_status(t2, "done")
     wt = repo / ".worktrees" / t2
@@ -646,33 +641,13 @@ def test_workspace_dir_and_worktree(kanband_factory, home):
     assert branch == f"kanban/{t2}"
 
 
-def _git_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    git = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q", str(path)], check=True)
-    (path / "README").write_text("hi\n")
-    subprocess.run(git + ["add", "README"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "init"], check=True)
-    return path
-
-
 def test_worktree_git_runs_while_kanband_serves(kanband_factory, home):
     """`git worktree add` runs as a helper process, not on the daemon's time: while a
     (deliberately stalled) git is running, kanband answers; the worker starts once
     git is done, and git's output is in the task log."""
     w = wdir(home)
-    repo = _git_repo(w / "repo")
-    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    fake = w / "bin"
-    fake.mkdir()
-    started, release = w / "git-started", w / "git-release"
-    (fake / "git").write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in *"worktree add"*) touch {started}; i=0\n'
-        f'  while [ ! -e {release} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done;; esac\n'
-        f'exec {real_git} "$@"\n')
-    (fake / "git").chmod(0o755)
+    repo = git_repo(w / "repo")
+    fake, started, release = stalled_git(w, "worktree add")
     k = kanband_factory(toml(BASE), start=False)
     k.__class__ = EnvKanband
     k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}
@@ -707,7 +682,7 @@ def test_worktree_that_git_refuses_is_spawn_failed_with_gits_words(kanband_facto
 
 def test_external_claim_of_a_worktree_task_gets_the_worktree(kd, home):
     """An external claimer of a worktree task gets the worktree, made by git for it."""
-    repo = _git_repo(wdir(home) / "repo2")
+    repo = git_repo(wdir(home) / "repo2")
     tid = kd.create("ext", workspace=f"worktree:{repo}")["id"]
     got = kd.call("task.claim", id=tid)
     assert os.path.realpath(got["workspace"]) == os.path.realpath(repo / ".worktrees" / tid)
@@ -743,12 +718,8 @@ def test_shutdown_during_an_archive_whose_client_left_does_not_hang(kanband_fact
 def test_two_claims_racing_for_a_worktree_task_get_one_whole_worktree(kd, home):
     """Two external claims of one worktree task sent together: git adds the worktree
     once, the claim that wins gets it complete, the other is refused."""
-    repo = _git_repo(wdir(home) / "big")
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    for i in range(400):
-        (repo / f"f{i:03d}.txt").write_text(f"{i}\n" * 50)
-    subprocess.run(git + ["add", "."], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "many"], check=True)
+    repo = git_repo(wdir(home) / "big", {"README": "hi\n", **{
+        f"f{i:03d}.txt": f"{i}\n" * 50 for i in range(400)}})
     tid = kd.create("raced", workspace=f"worktree:{repo}")["id"]
     a, b = kd.client(timeout=60), kd.client(timeout=60)
     ma, mb = a.send("task.claim", {"id": tid}), b.send("task.claim", {"id": tid})
