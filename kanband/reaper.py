@@ -167,15 +167,25 @@ _BOOT_TIME: float | None = None
 def proc_start_time(pid: int) -> float | None:
     """When the process started, as psutil's create_time() computes it (boot time
     + starttime from /proc/<pid>/stat), without building a psutil.Process."""
-    global _BOOT_TIME
     try:
         stat = _read_proc(f"/proc/{pid}/stat")
         ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
     except (OSError, ValueError, IndexError):
         return None
+    return _ticks_to_time(ticks)
+
+
+def _ticks_to_time(ticks: int) -> float:
+    global _BOOT_TIME
     if _BOOT_TIME is None:
         _BOOT_TIME = psutil.boot_time()
     return ticks / _CLOCK_TICKS + _BOOT_TIME
+
+
+def boot_ticks() -> int:
+    """CLOCK_BOOTTIME in clock ticks, rounded down as the kernel rounds a process's
+    start time for /proc/<pid>/stat (nsec_to_clock_t)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // (1_000_000_000 // _CLOCK_TICKS)
 
 
 def same_process(pid: int, start_time: float | None) -> bool:
@@ -274,10 +284,12 @@ class Reaper:
             raise
 
     def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], log_fd: int,
-              run_dir: Path, shell: str | None = None) -> subprocess.Popen[bytes]:
+              run_dir: Path, shell: str | None = None
+              ) -> tuple[subprocess.Popen[bytes], float | None]:
         """Start the worker (output to `log_fd`, which the caller closes) in its own
         session, under the exit-status shim: `argv`, or with `shell` that shell
-        text run by the shim's own sh. On the loop thread only: a child must be
+        text run by the shim's own sh. Returns it with its start time (as
+        proc_start_time gives it). On the loop thread only: a child must be
         tracked before reap_all can see it exit."""
         exit_file = str(run_dir / EXIT_FILE)
         nofile = "" if worker_nofile is None else str(worker_nofile)
@@ -286,10 +298,18 @@ class Reaper:
         else:
             shim = ["/bin/sh", "-c", SHELL_SHIM, "kanband-worker", exit_file, nofile]
             env = {**env, SHELL_TEXT: shell}
-        return subprocess.Popen(shim,
-                                cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                close_fds=True)
+        before = boot_ticks()
+        popen = subprocess.Popen(shim,
+                                 cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 close_fds=True)
+        # The kernel stamps the child's start (in clock ticks of CLOCK_BOOTTIME) at
+        # fork, which lies between these two readings: when both fall in one tick,
+        # that tick is the start time. Reading /proc/<pid>/stat instead would wait
+        # (about 0.5 ms) until the child's exec is done.
+        after = boot_ticks()
+        return popen, (_ticks_to_time(before) if after == before
+                       else proc_start_time(popen.pid))
 
     async def run_command(self, argv: list[str], *, stdin: bytes, log_path: Path,
                           timeout: float, env: dict[str, str] | None = None) -> int:

@@ -26,7 +26,7 @@ from kanband.dispatcher import Slots, waiting_reason
 from kanband.errors import Conflict, KanbanError, Unavailable
 from kanband.paths import DaemonPaths
 from kanband.reaper import (Reaper, child_env, Worker, describe_exit, last_line,
-                            proc_start_time, read_exit_file, same_process, tail_text)
+                            read_exit_file, same_process, tail_text)
 from kanband.store import Store
 
 log = structlog.get_logger("kanband.supervisor")
@@ -424,14 +424,15 @@ class Supervisor:
     def _fork(self, st: "_Start") -> None:
         assert st.log_fd is not None and st.ws is not None and st.env is not None
         try:
-            popen = self.reaper.spawn(st.argv, cwd=st.ws, env=st.env, log_fd=st.log_fd,
-                                      run_dir=st.run_dir, shell=st.shell)
+            popen, started = self.reaper.spawn(st.argv, cwd=st.ws, env=st.env,
+                                               log_fd=st.log_fd, run_dir=st.run_dir,
+                                               shell=st.shell)
         except (OSError, ValueError) as e:
             st.error = str(e)
             return
         task, profile = st.task, st.profile
         w = Worker(run_id=st.run_id, task_id=task["id"], profile=profile, pid=popen.pid,
-                   start_time=proc_start_time(popen.pid), started_mono=time.monotonic(),
+                   start_time=started, started_mono=time.monotonic(),
                    log_path=st.log_path, log_offset=st.log_offset, run_dir=st.run_dir,
                    failure_limit=st.failure_limit, popen=popen)
         st.worker = w

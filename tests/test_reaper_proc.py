@@ -7,7 +7,7 @@ import subprocess
 
 import psutil
 
-from kanband.reaper import children_of, proc_start_time
+from kanband.reaper import Reaper, children_of, proc_start_time
 
 
 def test_children_of_sees_every_child_of_a_long_list():
@@ -30,3 +30,23 @@ def test_proc_start_time_matches_psutil():
     for pid in (1, os.getpid()):
         assert proc_start_time(pid) == psutil.Process(pid).create_time()
     assert proc_start_time(2 ** 22 + 12345) is None
+
+
+def test_spawn_start_time_is_the_one_proc_gives(tmp_path):
+    """Reaper.spawn takes a worker's start time from the clock around the fork
+    (reading /proc/<pid>/stat would wait for the exec); it must be exactly what
+    /proc gives, or a restarted daemon would not re-adopt the worker."""
+    reaper = Reaper(on_exit=lambda w: None)
+    log_fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for _ in range(50):
+            popen, started = reaper.spawn(["sleep", "5"], cwd=tmp_path, env=dict(os.environ),
+                                          log_fd=log_fd, run_dir=tmp_path)
+            try:
+                assert started == proc_start_time(popen.pid) == \
+                    psutil.Process(popen.pid).create_time()
+            finally:
+                os.killpg(popen.pid, 9)
+                popen.wait()
+    finally:
+        os.close(log_fd)
