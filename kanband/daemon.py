@@ -30,6 +30,7 @@ from kanband.pidfile import AlreadyRunning, PidFile
 from kanband.rpc import RpcServer
 from kanband.store import Store
 from kanband.notify import Notifier
+from kanband.stallwatch import StallWatch
 from kanband.streams import EventBus
 from kanband.supervisor import Supervisor
 from kanband.systemd import Notify, listen_socket
@@ -146,6 +147,15 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, sig)
         self.loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        stallwatch = StallWatch(self.loop)
+        stallwatch.start()
+        try:
+            await self._serve()
+        finally:
+            stallwatch.stop()
+
+    async def _serve(self) -> None:
+        assert self.board is not None and self.sock is not None and self.loop is not None
         self.supervisor.start(self.loop)
         adoption = await self.supervisor.readopt()
         self.rpc = RpcServer(self.board)

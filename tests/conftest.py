@@ -39,10 +39,60 @@ def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         time.sleep(interval)
 
 
+_MADE: list["Kanband"] = []  # this test's daemons, for the failure report below
+
+
+@pytest.fixture(autouse=True)
+def _forget_daemons() -> Any:
+    _MADE.clear()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Any:
+    """A failed test shows each of its daemons' stalls (see kanband/stallwatch.py)
+    and the end of its log: the home, log included, is gone after the test."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when != "call":
+        return
+    for k in _MADE:
+        lines = k.log_text().splitlines()
+        stalls = [ln for ln in lines if '"loop_stalled"' in ln or '"loop_resumed"' in ln]
+        if item.get_closest_marker("stalls_expected") is None:
+            _STALLS.extend((item.nodeid, ln) for ln in stalls if '"loop_stalled"' in ln)
+        if rep.failed:
+            rep.sections.append((f"kanband {k.home}: stalls ({len(stalls)}) and last 40 log "
+                                 "lines", "\n".join(stalls[-10:] + ["..."] + lines[-40:])))
+
+
+_STALLS: list[tuple[str, str]] = []  # (test, loop_stalled line) over the whole run
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "stalls_expected: the test stalls kanband's loop on "
+                            "purpose; leave its stalls out of the end-of-run list")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Loop stalls are bugs even in a passing test: list them at the end."""
+    if not _STALLS:
+        return
+    terminalreporter.section(f"kanband loop stalls: {len(_STALLS)}")
+    for nodeid, line in _STALLS:
+        try:
+            e = json.loads(line)
+            where = e.get("stack", "").strip().splitlines()[-2:]
+            terminalreporter.line(f"{nodeid}: {e.get('seconds')} s at {' | '.join(where)}")
+        except ValueError:
+            terminalreporter.line(f"{nodeid}: {line[:300]}")
+
+
 class Kanband:
     """One kanband process on its own home directory."""
 
     def __init__(self, home: Path, config: str | None = None) -> None:
+        _MADE.append(self)
         self.home = home
         self.home.mkdir(parents=True, exist_ok=True)
         self.socket = home / "kanband.sock"

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import Kanband, RawConn, snapshot, wait_for
 from kanband import __version__
+from kanband.errors import KanbanError
 
 
 def run_kanband(k: Kanband, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -338,3 +339,34 @@ def test_other_users_are_refused_by_peer_credentials(kanband_factory, home):
     with RawConn(k.socket) as c:  # our own uid is still served
         c.request(1, "system.ping")
         assert c.read()[:3] == [1, 1, None]
+
+
+@pytest.mark.stalls_expected
+def test_a_stuck_event_loop_is_logged_with_its_stack(kd):
+    """Another process holding the database's write lock keeps kanband's next
+    write waiting (SQLite's busy timeout) on the event loop, which then answers
+    nobody: the stall watch logs `loop_stalled` with the loop's stack, and
+    `loop_resumed` once the loop turns again."""
+    holder = sqlite3.connect(kd.home / "kanban.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with kd.client(timeout=30) as c:
+            msgid = c.send("task.create", {"title": "waits for the lock"})
+            stalled = wait_for(lambda: [e for e in kd.log_events() if e["event"] == "loop_stalled"],
+                               20, "a loop_stalled line")
+            holder.execute("ROLLBACK")
+            holder.close()
+            holder = None
+            try:  # answered once the lock is free: created, or refused as unavailable
+                c.receive(msgid)
+            except KanbanError as e:
+                assert e.code == "unavailable", e
+    finally:
+        if holder is not None:
+            holder.close()
+    assert stalled[0]["level"] == "error" and stalled[0]["seconds"] >= 2
+    assert "store.py" in stalled[0]["stack"] and "create" in stalled[0]["stack"], stalled[0]
+    resumed = wait_for(lambda: [e for e in kd.log_events() if e["event"] == "loop_resumed"],
+                       10, "a loop_resumed line")
+    assert resumed[0]["stalled_seconds"] >= 2
+    assert kd.call("system.ping")["pong"]

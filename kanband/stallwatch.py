@@ -1,0 +1,78 @@
+"""A watch on the event loop: when it stops turning, say where it is stuck.
+
+Everything kanband does runs on one event loop, so a loop that stops (a slow
+system call, a lock, a bug) stops the whole daemon: no answers, no reaping.
+systemd's watchdog restarts a daemon whose loop stops for WatchdogSec, but
+says nothing about why. This thread does: the loop stamps a beat every
+BEAT seconds; when the beat is older than STALL seconds the thread logs
+`loop_stalled` with the loop thread's stack (again every REPEAT seconds while
+it stays stuck, as the stack may move on), and `loop_resumed` with how long
+the loop stood still once it turns again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import traceback
+
+import structlog
+
+log = structlog.get_logger("kanband")
+
+BEAT = 0.5  # seconds between the loop's beats
+STALL = 2.0  # a beat older than this: the loop is stuck
+REPEAT = 5.0  # log the stack again this often while it stays stuck
+
+
+def thread_stack(ident: int, limit: int = 30) -> str:
+    """The current stack of thread `ident`, innermost call last."""
+    frame = sys._current_frames().get(ident)
+    if frame is None:
+        return "(thread gone)"
+    return "".join(traceback.format_stack(frame, limit=limit)).rstrip()
+
+
+class StallWatch(threading.Thread):
+    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float = STALL,
+                 beat: float = BEAT, repeat: float = REPEAT) -> None:
+        super().__init__(name="kanband-stallwatch", daemon=True)
+        self.loop, self.stall, self.beat_every, self.repeat = loop, stall, beat, repeat
+        self.loop_thread = threading.get_ident()  # made on the loop's thread
+        self.last_beat = time.monotonic()
+        self._stop_event = threading.Event()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._beat()
+        super().start()
+
+    def _beat(self) -> None:  # on the loop
+        self.last_beat = time.monotonic()
+        self._handle = self.loop.call_later(self.beat_every, self._beat)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(2.0)
+
+    def run(self) -> None:
+        stuck_since: float | None = None  # the beat the stall began after
+        logged_at = 0.0
+        while not self._stop_event.wait(self.beat_every):
+            beat = self.last_beat
+            now = time.monotonic()
+            if now - beat < self.stall:
+                if stuck_since is not None:
+                    log.warning("loop_resumed", stalled_seconds=round(beat - stuck_since, 2))
+                    stuck_since = None
+                continue
+            if stuck_since is None or now - logged_at >= self.repeat:
+                stuck_since = beat
+                logged_at = now
+                log.error("loop_stalled", seconds=round(now - beat, 2),
+                          stack=thread_stack(self.loop_thread))
