@@ -318,8 +318,26 @@ class Daemon:
         if self._logf is not None:
             self._logf.close()
             self._logf = None
+        self._report_stalls()
         if self in _daemons:
             _daemons.remove(self)
+
+    def _report_stalls(self) -> None:
+        """A stalled event loop skews every figure taken meanwhile: print each
+        `loop_stalled` line the daemon logged (see kanband/stallwatch.py)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for i, line in enumerate(lines):  # faulthandler's dump: the GIL itself was held
+            if line.startswith("Timeout ("):
+                print(f"\n  WARNING: {CURRENT}: kanband's loop stuck (faulthandler):\n    "
+                      + "\n    ".join(lines[i:i + 40]), file=sys.stderr, flush=True)
+        for e in self.log_events():
+            if e.get("event") == "loop_stalled":
+                where = " | ".join(str(e.get("stack", "")).strip().splitlines()[-4:])
+                print(f"\n  WARNING: {CURRENT}: kanband's loop stalled {e.get('seconds')} s "
+                      f"at: {where}", file=sys.stderr, flush=True)
 
     def counts(self, c: Client | None = None) -> dict[str, Any]:
         """Status counts and live workers, the cheap way (daemon.status: no

@@ -8,11 +8,18 @@ BEAT seconds; when the beat is older than STALL seconds the thread logs
 `loop_stalled` with the loop thread's stack (again every REPEAT seconds while
 it stays stuck, as the stack may move on), and `loop_resumed` with how long
 the loop stood still once it turns again.
+
+That thread needs the GIL to log. Should something hold the GIL itself (a C
+call that never lets go), nothing Python can run; for that case the thread
+keeps faulthandler's C watchdog armed while the loop is healthy, so a loop
+that stays stuck DUMP seconds gets every thread's stack written to stderr
+(plain text, starting "Timeout (0:00:20)!").
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import sys
 import threading
 import time
@@ -25,6 +32,7 @@ log = structlog.get_logger("kanband")
 BEAT = 0.5  # seconds between the loop's beats
 STALL = 2.0  # a beat older than this: the loop is stuck
 REPEAT = 5.0  # log the stack again this often while it stays stuck
+DUMP = 20.0  # faulthandler dumps every thread's stack after this long stuck
 
 
 def thread_stack(ident: int, limit: int = 30) -> str:
@@ -37,9 +45,10 @@ def thread_stack(ident: int, limit: int = 30) -> str:
 
 class StallWatch(threading.Thread):
     def __init__(self, loop: asyncio.AbstractEventLoop, stall: float = STALL,
-                 beat: float = BEAT, repeat: float = REPEAT) -> None:
+                 beat: float = BEAT, repeat: float = REPEAT, dump: float = DUMP) -> None:
         super().__init__(name="kanband-stallwatch", daemon=True)
         self.loop, self.stall, self.beat_every, self.repeat = loop, stall, beat, repeat
+        self.dump = dump
         self.loop_thread = threading.get_ident()  # made on the loop's thread
         self.last_beat = time.monotonic()
         self._stop_event = threading.Event()
@@ -59,14 +68,18 @@ class StallWatch(threading.Thread):
         self._stop_event.set()
         if self.is_alive():
             self.join(2.0)
+        faulthandler.cancel_dump_traceback_later()
 
     def run(self) -> None:
         stuck_since: float | None = None  # the beat the stall began after
-        logged_at = 0.0
+        logged_at = armed_at = 0.0
         while not self._stop_event.wait(self.beat_every):
             beat = self.last_beat
             now = time.monotonic()
             if now - beat < self.stall:
+                if now - armed_at >= self.dump / 4:  # re-arm now and then, not every beat
+                    faulthandler.dump_traceback_later(self.dump, exit=False)
+                    armed_at = now
                 if stuck_since is not None:
                     log.warning("loop_resumed", stalled_seconds=round(beat - stuck_since, 2))
                     stuck_since = None

@@ -58,12 +58,16 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Any:
         return
     for k in _MADE:
         lines = k.log_text().splitlines()
-        stalls = [ln for ln in lines if '"loop_stalled"' in ln or '"loop_resumed"' in ln]
+        stalls = [ln for ln in lines if '"loop_stalled"' in ln or '"loop_resumed"' in ln
+                  or ln.startswith("Timeout (")]
         if item.get_closest_marker("stalls_expected") is None:
-            _STALLS.extend((item.nodeid, ln) for ln in stalls if '"loop_stalled"' in ln)
+            _STALLS.extend((item.nodeid, ln) for ln in stalls if '"loop_resumed"' not in ln)
         if rep.failed:
+            dumps = [i for i, ln in enumerate(lines) if ln.startswith("Timeout (")]
+            dump = lines[dumps[0]:dumps[0] + 80] if dumps else []  # faulthandler's
             rep.sections.append((f"kanband {k.home}: stalls ({len(stalls)}) and last 40 log "
-                                 "lines", "\n".join(stalls[-10:] + ["..."] + lines[-40:])))
+                                 "lines", "\n".join(stalls[-10:] + dump + ["..."]
+                                                    + lines[-40:])))
 
 
 _STALLS: list[tuple[str, str]] = []  # (test, loop_stalled line) over the whole run
