@@ -443,6 +443,12 @@ class Reaper:
         assert self.loop is not None
         fresh = since is not None  # must have started after `since` (after a signal)
         while True:
+            if self._scanning is not None and self._scanning.done():
+                # Finished, but its done-callback has not run yet (callbacks go
+                # through the loop's queue). Awaiting a done future does not yield
+                # to the loop, so without this a kill needing a newer scan would
+                # spin here forever and the callback would never run.
+                self._scanned(self._scanning)
             floor = since if since is not None else time.monotonic() - SCAN_TTL
             if self._scan is not None and self._scan.at >= floor:
                 return self._scan
@@ -455,6 +461,8 @@ class Reaper:
                 return got  # a scan in progress when asked is recent enough, unless `since`
 
     def _scanned(self, fut: "asyncio.Future[_Scan]") -> None:
+        """A scan finished: keep it if it is the newest. Runs twice for some
+        scans (see scan()); the second time changes nothing."""
         if self._scanning is fut:
             self._scanning = None
         if not fut.cancelled() and fut.exception() is None:

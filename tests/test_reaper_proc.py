@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import textwrap
 
 import psutil
 
@@ -50,3 +52,35 @@ def test_spawn_start_time_is_the_one_proc_gives(tmp_path):
                 popen.wait()
     finally:
         os.close(log_fd)
+
+
+def test_a_kill_needing_a_newer_scan_does_not_spin_on_a_finished_one():
+    """A scan finishes on its thread; its done-callback waits in the loop's queue.
+    A kill that runs first and needs a scan started after its signal must start
+    a new one: awaiting the finished future does not yield to the loop, so the
+    old code spun there forever (the loop stalled for good: kill_burst in a full
+    bench run, two unexplained full-suite timeouts). Run in a child so that a
+    spinning loop fails the test by timeout instead of hanging it."""
+    script = textwrap.dedent("""
+        import asyncio, time
+        from kanband.reaper import Reaper, _Scan
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            reaper = Reaper(on_exit=lambda w: None)
+            reaper.loop = loop
+            old = loop.create_future()
+            reaper._scanning = old
+            old.add_done_callback(reaper._scanned)
+            old.set_result(_Scan(at=time.monotonic() - 10, by_run={}, live_groups=set()))
+            since = time.monotonic()  # the kill's signal went out after that scan began
+            got = await reaper.scan(since)  # before the done-callback has run
+            assert got.at >= since, (got.at, since)
+            assert reaper._scan is got and reaper._scanning is None
+            print("ok")
+
+        asyncio.run(main())
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
