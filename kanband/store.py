@@ -173,6 +173,7 @@ RUN_FIELDS = (
     "error", "metadata", "worker_pid", "exit_code", "signal")
 
 _TASK_COLUMNS = (*TASK_FIELDS, "worker_pid", "lease_expires", "last_heartbeat_at")
+_COMMENT_COLUMNS = ("id", "task_id", "author", "body", "created_at")
 _TASK_COLS = (
     ", ".join(f"t.{f}" for f in TASK_FIELDS)
     + ", r.worker_pid AS worker_pid, r.lease_expires AS lease_expires,"
@@ -611,7 +612,7 @@ class Store:
         by created_at."""
         groups: tuple[list[dict[str, Any]], ...] = ([], [], [])
         for r in self._db.execute(_FAMILY, (task_id, task_id, task_id)):
-            groups[r["side"]].append(_task(r, drop=("side",)))
+            groups[r["side"]].append(_task(r))
         if not groups[0]:
             raise NotFound(f"no task {task_id}")
         return groups[0][0], groups[1], groups[2]
@@ -620,10 +621,13 @@ class Store:
         return self._unfinished_parents(task_id)
 
     def comments(self, task_id: str, last: int | None = None) -> list[dict[str, Any]]:
-        rows = self._db.execute(
-            "SELECT id, task_id, author, body, created_at FROM comments WHERE task_id = ?"
-            " ORDER BY id DESC" + (f" LIMIT {int(last)}" if last else ""), (task_id,)).fetchall()
-        return [dict(r) for r in reversed(rows)]
+        sql = "SELECT " + ", ".join(_COMMENT_COLUMNS) + " FROM comments WHERE task_id = ?"
+        if not last:
+            return [dict(zip(_COMMENT_COLUMNS, r))
+                    for r in self._db.execute(sql + " ORDER BY id", (task_id,))]
+        rows = self._db.execute(sql + f" ORDER BY id DESC LIMIT {int(last)}",
+                                (task_id,)).fetchall()
+        return [dict(zip(_COMMENT_COLUMNS, r)) for r in reversed(rows)]
 
     def count_comments(self, task_id: str) -> int:
         return self._db.execute("SELECT count(*) FROM comments WHERE task_id=?",
@@ -1150,11 +1154,12 @@ class Store:
         return expired
 
 
-def _task(row: sqlite3.Row, drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    d = dict(row)
-    for k in drop:
-        del d[k]
-    skills = d.get("skills")
+def _task(row: sqlite3.Row) -> dict[str, Any]:
+    """A row of _TASK_SELECT as a dict; of _FAMILY too (its `side` comes last,
+    past the columns named here, and is left out). Zipping with the known
+    column names costs a third of dict(row)."""
+    d = dict(zip(_TASK_COLUMNS, row))
+    skills = d["skills"]
     d["skills"] = json.loads(skills) if skills and skills != "[]" else []
     return d
 
