@@ -189,6 +189,9 @@ _FAMILY = (
     + _RUN_JOIN + " WHERE l.parent_id = ? ORDER BY side, created_at")
 
 Event = dict[str, Any]
+# json.dumps with any non-default argument builds a new encoder on every call
+# (1.3 us of the 4 an event payload costs); one encoder serves every event.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def new_id(prefix: str) -> str:
@@ -515,7 +518,7 @@ class Store:
     # -- helpers -----------------------------------------------------------
     def _emit(self, task_id: str | None, kind: str, payload: dict[str, Any], now: float,
               run_id: str | None = None) -> None:
-        text = json.dumps(payload, separators=(",", ":"))
+        text = _compact_json(payload)
         cur = self._db.execute(
             "INSERT INTO events(task_id, run_id, kind, payload, created_at) VALUES (?,?,?,?,?)",
             (task_id, run_id, kind, text, now))
