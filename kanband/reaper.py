@@ -185,7 +185,7 @@ def _ticks_to_time(ticks: int) -> float:
 def boot_ticks() -> int:
     """CLOCK_BOOTTIME in clock ticks, rounded down as the kernel rounds a process's
     start time for /proc/<pid>/stat (nsec_to_clock_t)."""
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // (1_000_000_000 // _CLOCK_TICKS)
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) * _CLOCK_TICKS // 1_000_000_000
 
 
 def same_process(pid: int, start_time: float | None) -> bool:

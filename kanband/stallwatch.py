@@ -13,7 +13,9 @@ That thread needs the GIL to log. Should something hold the GIL itself (a C
 call that never lets go), nothing Python can run; for that case the thread
 keeps faulthandler's C watchdog armed while the loop is healthy, so a loop
 that stays stuck DUMP seconds gets every thread's stack written to stderr
-(plain text, starting "Timeout (0:00:20)!").
+(plain text, starting "Timeout (0:00:20)!"). A process stopped as a whole
+(SIGSTOP, a cgroup freezer) for that long gets the dump too when it resumes:
+that timer counts the time it was stopped.
 """
 
 from __future__ import annotations
@@ -71,14 +73,41 @@ class StallWatch(threading.Thread):
         faulthandler.cancel_dump_traceback_later()
 
     def run(self) -> None:
+        try:
+            self._watch()
+        except Exception:  # never die in silence: say so once, and stop watching
+            log.exception("stallwatch_failed")
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+
+    def _arm(self) -> bool:
+        """Re-arm faulthandler's timer; False if it cannot be (no stderr)."""
+        if self._stop_event.is_set():
+            return True
+        try:
+            faulthandler.dump_traceback_later(self.dump, exit=False)
+            return True
+        except (RuntimeError, ValueError, OSError) as e:
+            log.warning("stallwatch_no_dump", error=str(e))
+            return False
+
+    def _watch(self) -> None:
         stuck_since: float | None = None  # the beat the stall began after
         logged_at = armed_at = 0.0
+        dumping = True
+        woke = time.monotonic()
         while not self._stop_event.wait(self.beat_every):
-            beat = self.last_beat
-            now = time.monotonic()
+            beat, now = self.last_beat, time.monotonic()
+            overslept = now - woke > self.stall
+            woke = now
+            if overslept:
+                # This thread did not run for a while either: the whole process
+                # was stopped (SIGSTOP, a freezer) or the machine slept. The loop
+                # gets its turn to beat before anyone judges it.
+                continue
             if now - beat < self.stall:
-                if now - armed_at >= self.dump / 4:  # re-arm now and then, not every beat
-                    faulthandler.dump_traceback_later(self.dump, exit=False)
+                if dumping and now - armed_at >= self.dump / 4:  # now and then
+                    dumping = self._arm()
                     armed_at = now
                 if stuck_since is not None:
                     log.warning("loop_resumed", stalled_seconds=round(beat - stuck_since, 2))

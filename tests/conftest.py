@@ -39,12 +39,15 @@ def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         time.sleep(interval)
 
 
-_MADE: list["Kanband"] = []  # this test's daemons, for the failure report below
+# Every daemon not yet cleaned up (module-scoped ones too), with where its log
+# stood when the current test began: the report below covers that test's lines.
+_LIVE: dict["Kanband", int] = {}
 
 
 @pytest.fixture(autouse=True)
-def _forget_daemons() -> Any:
-    _MADE.clear()
+def _mark_daemon_logs() -> Any:
+    for k in _LIVE:
+        _LIVE[k] = k.log_size()
     yield
 
 
@@ -56,8 +59,8 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Any:
     rep = outcome.get_result()
     if rep.when != "call":
         return
-    for k in _MADE:
-        lines = k.log_text().splitlines()
+    for k, start in list(_LIVE.items()):
+        lines = k.log_text(start).splitlines()
         stalls = [ln for ln in lines if '"loop_stalled"' in ln or '"loop_resumed"' in ln
                   or ln.startswith("Timeout (")]
         if item.get_closest_marker("stalls_expected") is None:
@@ -96,7 +99,7 @@ class Kanband:
     """One kanband process on its own home directory."""
 
     def __init__(self, home: Path, config: str | None = None) -> None:
-        _MADE.append(self)
+        _LIVE[self] = 0
         self.home = home
         self.home.mkdir(parents=True, exist_ok=True)
         self.socket = home / "kanband.sock"
@@ -137,11 +140,20 @@ class Kanband:
                 return False
         wait_for(up, timeout, "kanband to answer system.ping")
 
-    def log_text(self) -> str:
+    def log_text(self, start: int = 0) -> str:
+        """The daemon's log, from byte `start` on."""
         try:
-            return self.log.read_text(errors="replace")
+            with open(self.log, "rb") as f:
+                f.seek(start)
+                return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+    def log_size(self) -> int:
+        try:
+            return self.log.stat().st_size
+        except OSError:
+            return 0
 
     def log_events(self) -> list[dict[str, Any]]:
         out = []
@@ -199,6 +211,7 @@ class Kanband:
         self._logf.close()
 
     def cleanup(self) -> None:
+        _LIVE.pop(self, None)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)

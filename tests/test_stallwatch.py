@@ -35,3 +35,4 @@ def test_a_loop_stuck_holding_the_gil_gets_every_stack_dumped():
     assert "Timeout (0:00:01)!" in r.stderr, r.stderr
     dump = r.stderr[r.stderr.index("Timeout (0:00:01)!"):]
     assert "wedged_with_the_gil" in dump, dump
+
