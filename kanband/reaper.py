@@ -161,25 +161,55 @@ def _read_proc(path: str) -> bytes:
         os.close(fd)
 
 
+# The boot time that process start times count from. /proc/stat's btime (what
+# psutil uses) moves whenever the wall clock is stepped (NTP, an operator), so
+# comparing a start time recorded before a step with one computed after would
+# mistake a live worker for a reused pid. kanband fixes the basis once per boot
+# and keeps it in the board (Supervisor.start -> keep_boot_time): start times
+# stay comparable across clock steps and daemon restarts.
 _BOOT_TIME: float | None = None
 
 
-def proc_start_time(pid: int) -> float | None:
-    """When the process started, as psutil's create_time() computes it (boot time
-    + starttime from /proc/<pid>/stat), without building a psutil.Process."""
-    try:
-        stat = _read_proc(f"/proc/{pid}/stat")
-        ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-    return _ticks_to_time(ticks)
-
-
-def _ticks_to_time(ticks: int) -> float:
+def boot_time() -> float:
     global _BOOT_TIME
     if _BOOT_TIME is None:
         _BOOT_TIME = psutil.boot_time()
-    return ticks / _CLOCK_TICKS + _BOOT_TIME
+    return _BOOT_TIME
+
+
+def set_boot_time(value: float) -> None:
+    global _BOOT_TIME
+    _BOOT_TIME = value
+
+
+def boot_id() -> str | None:
+    """This boot's random id (the kernel's); None if unreadable."""
+    try:
+        return _read_proc("/proc/sys/kernel/random/boot_id").decode().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, start time in clock ticks since boot) from /proc/<pid>/stat."""
+    try:
+        stat = _read_proc(f"/proc/{pid}/stat")
+        fields = stat[stat.rindex(b")") + 2:].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_start_time(pid: int) -> float | None:
+    """When the process started: boot time (see _BOOT_TIME) + its start in
+    /proc/<pid>/stat, as psutil's create_time() computes it while the wall
+    clock has not been stepped."""
+    st = _proc_stat(pid)
+    return None if st is None else _ticks_to_time(st[1])
+
+
+def _ticks_to_time(ticks: int) -> float:
+    return ticks / _CLOCK_TICKS + boot_time()
 
 
 def boot_ticks() -> int:
@@ -189,14 +219,13 @@ def boot_ticks() -> int:
 
 
 def same_process(pid: int, start_time: float | None) -> bool:
-    """Alive and the same process (not a reused pid)."""
+    """Alive (not a zombie) and the same process (not a reused pid): its start
+    time, on kanband's boot-time basis, is the one recorded."""
     if not pid or start_time is None:
         return False
-    try:
-        p = psutil.Process(pid)
-        return abs(p.create_time() - start_time) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    st = _proc_stat(pid)
+    return st is not None and st[0] not in (b"Z", b"X") and \
+        abs(_ticks_to_time(st[1]) - start_time) < 0.05
 
 
 @dataclass

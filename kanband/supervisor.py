@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 
 from kanband import context, states, workspace
+from kanband import reaper as reaper_mod
 from kanband.board import hash_token, new_token
 from kanband.config import Config, Profile
 from kanband.dispatcher import Slots, waiting_reason
@@ -72,7 +74,26 @@ class Supervisor:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.keep_boot_time()
         self.reaper.start(loop)
+
+    def keep_boot_time(self) -> None:
+        """Worker start times count from one boot time per boot, kept in the
+        board, so that a clock step between a spawn and a later check (a kill,
+        a restart's re-adoption) does not make a live worker look like a
+        stranger (see reaper._BOOT_TIME). A new boot gets a new basis: nothing
+        of the old one can be alive."""
+        bid = reaper_mod.boot_id()
+        if bid is not None and self.store.get_meta("boot_id") == bid:
+            try:
+                reaper_mod.set_boot_time(float(self.store.get_meta("boot_time") or ""))
+                return
+            except ValueError:
+                pass
+        reaper_mod.set_boot_time(psutil.boot_time())
+        if bid is not None:
+            self.store.set_meta("boot_time", repr(reaper_mod.boot_time()))
+            self.store.set_meta("boot_id", bid)
 
     def _bg(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -317,3 +317,51 @@ def test_worker_lingering_after_complete_is_still_killed_after_a_restart(kanband
     k.start()
     wait_for(lambda: gone(pid), 10, "the lingering worker of a completed run to be killed")
     assert runs_of(k, tid)[0]["outcome"] == "completed"
+
+
+def test_a_clock_step_does_not_turn_a_live_worker_into_a_stranger(kanband_factory):
+    """Start times are wall-clock times counted from the boot time, which moves
+    when the clock is stepped (NTP). kanband keeps one boot time per boot in
+    the board, so a worker recorded before a step is still recognised after
+    it. The test plays a 5 s step: the run's start time and the board's boot
+    time are both 5 s off what /proc/stat says now, as if the clock had
+    moved since the first daemon started. The restart must adopt the worker,
+    not end its run `lost` and run the task again."""
+    k = kanband_factory(toml(BASE, fake={
+        "command": wcmd("--write-pid", "{workspace}/pid", "--sleep", "inf")}))
+    tid = k.create("clock step", assignee="fake")["id"]
+    pid, shim = worker_pids(k, tid)
+    run_id = k.task(tid)["current_run_id"]
+    k.kill9()
+    db = sqlite3.connect(k.home / "kanban.db")
+    with db:
+        basis = float(db.execute("SELECT value FROM meta WHERE key = 'boot_time'").fetchone()[0])
+        db.execute("UPDATE meta SET value = ? WHERE key = 'boot_time'", (repr(basis + 5.0),))
+        db.execute("UPDATE runs SET worker_start_time = worker_start_time + 5.0 WHERE id = ?",
+                   (run_id,))
+    db.close()
+    k.start()
+    assert adopted_pids(k, tid) == [shim]
+    assert runs_of(k, tid)[0]["outcome"] is None and alive(pid)
+    k.call("task.archive", id=tid)  # kills it: found through its recorded start time
+    wait_for(lambda: gone(pid) and gone(shim), 10, "the adopted worker to be killed")
+
+
+def test_a_new_boot_gets_a_new_boot_time(kanband_factory):
+    """The kept boot time belongs to one boot (the kernel's boot_id): a board
+    carried over a reboot starts counting from the new boot's time."""
+    k = kanband_factory(toml(BASE))
+    k.stop()
+    db = sqlite3.connect(k.home / "kanban.db")
+    with db:
+        db.execute("UPDATE meta SET value = 'another-boot' WHERE key = 'boot_id'")
+        db.execute("UPDATE meta SET value = '12345.0' WHERE key = 'boot_time'")
+    db.close()
+    k.start()
+    k.stop()
+    db = sqlite3.connect(k.home / "kanban.db")
+    meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('boot_id', 'boot_time')"))
+    db.close()
+    assert meta["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert float(meta["boot_time"]) == float(
+        Path("/proc/stat").read_text().split("btime")[1].split()[0])
