@@ -92,8 +92,11 @@ class Supervisor:
                 pass
         reaper_mod.set_boot_time(psutil.boot_time())
         if bid is not None:
-            self.store.set_meta("boot_time", repr(reaper_mod.boot_time()))
-            self.store.set_meta("boot_id", bid)
+            try:
+                self.store.set_meta("boot_time", repr(reaper_mod.boot_time()))
+                self.store.set_meta("boot_id", bid)
+            except KanbanError as e:  # a full disk, say: serve on; the next start retries
+                log.warning("boot_time_not_kept", error=e.message)
 
     def _bg(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -368,3 +368,28 @@ def test_backup_refuses_existing_file_and_missing_directory_and_resolves_relativ
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["path"] == str(cwd / "rel.db")
     assert read_copy(cwd / "rel.db")["check"] == "ok"
+
+
+
+@pytest.mark.stalls_expected  # the write waits out SQLite's busy timeout on the loop
+def test_first_start_of_a_boot_that_cannot_write_still_serves(kanband_factory):
+    """The first start of each boot writes the boot time that start times count
+    from (see reaper._BOOT_TIME). If that write fails (here: another process
+    holds the database's write lock past SQLite's busy timeout), kanband says
+    so and serves on, rather than refusing to start."""
+    k = kanband_factory()
+    tid = k.create("made before")["id"]
+    assert k.stop() == 0
+    holder = sqlite3.connect(k.home / "kanban.db", isolation_level=None)
+    try:
+        # as if the machine had rebooted since, and then someone holds the lock
+        holder.execute("UPDATE meta SET value = 'another-boot' WHERE key = 'boot_id'")
+        holder.execute("BEGIN IMMEDIATE")
+        k.start()
+        warned = [e for e in k.log_events() if e["event"] == "boot_time_not_kept"]
+        assert warned and "could not be written" in warned[0]["error"], k.log_text()[-2000:]
+        assert k.call("system.ping")
+    finally:
+        holder.close()
+    assert k.call("task.show", id=tid)["task"]["title"] == "made before"
+    k.create("written once the lock is gone")
