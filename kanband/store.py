@@ -283,6 +283,12 @@ class Store:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             tables = db.execute(
                 "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+        except sqlite3.OperationalError as e:  # the file may be fine: say what failed
+            name = getattr(e, "sqlite_errorname", "") or ""
+            hint = (" -- is the disk full? SQLite needs room for its -wal and -shm files"
+                    if "IOERR" in name or "FULL" in name else "")
+            raise Unavailable(f"{self.path}: cannot open the database: {e}"
+                              f"{f' ({name})' if name else ''}{hint}") from None
         except sqlite3.DatabaseError as e:
             raise Unavailable(f"{self.path}: not a kanband database ({e})") from None
         if tables and app_id != APPLICATION_ID:

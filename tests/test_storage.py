@@ -393,3 +393,27 @@ def test_first_start_of_a_boot_that_cannot_write_still_serves(kanband_factory):
         holder.close()
     assert k.call("task.show", id=tid)["task"]["title"] == "made before"
     k.create("written once the lock is gone")
+
+
+def test_start_on_a_full_disk_says_so(kanband_factory, home):
+    """After a clean stop SQLite must create its -wal and -shm files again to open
+    the board; on a full disk that fails. kanband refuses to start with an error
+    that says what failed, not that the file is not a kanband database."""
+    k = kanband_factory(start=False)
+    k.log = home / "daemon.log"
+    with tmpfs(k.home, "4m"):
+        try:
+            k.start()
+            k.create("made before the disk filled")
+            assert k.stop() == 0
+            fill(k.home / "filler")
+            r = run_kanband(k)
+            assert r.returncode != 0
+            assert "cannot open the database" in r.stderr and "disk full" in r.stderr, r.stderr
+            assert "not a kanband database" not in r.stderr and "Traceback" not in r.stderr
+            (k.home / "filler").unlink()
+            k.start()
+            assert [t["title"] for t in k.call("task.list")["tasks"]] == \
+                ["made before the disk filled"]
+        finally:
+            k.cleanup()
