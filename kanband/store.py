@@ -784,6 +784,10 @@ class Store:
             db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key)"
                        " DO UPDATE SET value = excluded.value", (key, value))
 
+    def delete_meta(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def record_exit_status(self, run_id: str, exit_code: int | None,
                            signal: int | None) -> None:
         """Keep the exit status of a run that was already closed (complete/block)."""

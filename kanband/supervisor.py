@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -324,7 +325,7 @@ class Supervisor:
         # and a caller that goes away does not kill git halfway through a checkout.
         adding = self._adding.get(target)
         if adding is None:
-            if target.is_dir():
+            if target.is_dir() and self.store.get_meta(_adding_key(target)) is None:
                 return target
             adding = asyncio.ensure_future(self._add_worktree(task, target, repo, branch))
             self._adding[target] = adding
@@ -333,7 +334,26 @@ class Supervisor:
 
     async def _add_worktree(self, task: dict[str, Any], target: Path, repo: Path,
                             branch: str) -> Path:
+        """`git worktree add`, marked in the board while it runs: a kanband killed
+        halfway leaves the mark, and the next start removes the half-made
+        worktree and adds it again instead of running a worker in it."""
         log_path = self.paths.logs / f"{task['id']}.log"
+        key = _adding_key(target)
+        if target.exists() or target.is_symlink():
+            if self.store.get_meta(key) is None:
+                return target  # another add finished it meanwhile
+            _log_note(log_path, f"removing {target}: a half-made worktree (an earlier "
+                                "`git worktree add` did not finish)")
+            # twice --force: git keeps a worktree it is still adding locked
+            await self._git(repo, ["worktree", "remove", "--force", "--force", str(target)],
+                            log_path, 60.0)
+            if target.exists() or target.is_symlink():
+                await asyncio.to_thread(_remove_tree, target)
+            await self._git(repo, ["worktree", "prune"], log_path, 60.0)
+        try:
+            self.store.set_meta(key, str(time.time()))
+        except KanbanError as e:
+            raise OSError(f"cannot prepare workspace {target}: {e.message}") from None
         _log_note(log_path, f"git worktree add {target} ({branch})")
         have = await self._git(repo, ["show-ref", "--verify", "--quiet", f"refs/heads/{branch}"],
                                log_path, 60.0) == 0
@@ -345,6 +365,10 @@ class Supervisor:
                 f"exit status {code}" if code > 0 else f"killed by signal {-code} (timeout)")
             raise OSError(f"cannot prepare workspace {target}: git worktree add failed: "
                           f"{why[-500:]}")
+        try:
+            self.store.delete_meta(key)
+        except KanbanError as e:  # the next start re-adds it; this one can run
+            log.warning("worktree_mark_kept", task_id=task["id"], error=e.message)
         return target
 
     async def git(self, repo: Path, args: list[str], timeout: float = 120.0) -> tuple[int, str]:
@@ -913,6 +937,18 @@ def _with_tail(text: str, tail: str) -> str:
     if not tail:
         return text
     return f"{text}\n--- last output ---\n{tail[-2048:]}"
+
+
+def _adding_key(target: Path) -> str:
+    """The board's mark (meta table) of a `git worktree add` in progress."""
+    return f"worktree_adding:{target}"
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _log_note(path: Path, text: str) -> None:

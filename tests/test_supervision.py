@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -664,6 +665,58 @@ def test_worktree_git_runs_while_kanband_serves(kanband_factory, home):
     log = k.call("task.log", id=tid)["text"]
     assert "Preparing worktree" in log and log.index("Preparing worktree") < log.index(
         "=== kanband: run")
+
+
+def test_half_made_worktree_after_kill9_is_made_again(kanband_factory, home):
+    """kanband killed while `git worktree add` runs leaves a half-checked-out
+    worktree (git marks it locked while adding). The board keeps a mark for
+    each add in progress, so the retry does not run its worker in the broken
+    tree: it removes it and adds it again."""
+    w = wdir(home)
+    repo = git_repo(w / "repo")
+    fake, started, release = stalled_git(w, "worktree add")
+    k = kanband_factory(toml(BASE), start=False)
+    k.__class__ = EnvKanband
+    k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}
+    k.start()
+    tid = k.create("wt", assignee="shell", body="test -f README && echo whole\n",
+                   workspace=f"worktree:{repo}")["id"]
+    wait_for(started.exists, 20, "git worktree add to start")
+    k.kill9()
+    for p in psutil.process_iter(["cmdline"]):  # the held git must never go on
+        if str(started) in " ".join(p.info["cmdline"] or []):
+            p.kill()
+    # what a git killed halfway leaves: a locked worktree, some files missing
+    target = repo / ".worktrees" / tid
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", str(target),
+                    "-b", f"kanban/{tid}"], check=True)
+    subprocess.run(["git", "-C", str(repo), "worktree", "lock", "--reason", "initializing",
+                    str(target)], check=True)
+    (target / "README").unlink()
+    release.touch()  # the restarted daemon's git runs straight through
+    k.start()
+    task = k.wait_status(tid, "done")
+    assert task["result"] == "whole"
+    assert (target / "README").read_text() == "hi\n"
+    assert "half-made worktree" in k.call("task.log", id=tid)["text"]
+    db = sqlite3.connect(k.home / "kanban.db")
+    marks = db.execute("SELECT key FROM meta WHERE key LIKE 'worktree_adding:%'").fetchall()
+    db.close()
+    assert marks == []
+
+
+def test_worktree_made_outside_kanband_is_used_as_it_is(kanband_factory, home):
+    """A worktree already at the task's path with no add of kanband's in
+    progress (made by hand, or by an older kanband) is used as it is."""
+    repo = git_repo(wdir(home) / "repo")
+    k = kanband_factory(toml(BASE))
+    tid = k.create("wt", body="cat mine\n", workspace=f"worktree:{repo}")["id"]  # unassigned
+    target = repo / ".worktrees" / tid
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", str(target)], check=True)
+    (target / "mine").write_text("kept\n")
+    k.call("task.assign", id=tid, assignee="shell")
+    task = k.wait_status(tid, "done")
+    assert task["result"] == "kept"
 
 
 def test_worktree_that_git_refuses_is_spawn_failed_with_gits_words(kanband_factory, home):
