@@ -642,10 +642,10 @@ def test_workspace_dir_and_worktree(kanband_factory, home):
     assert branch == f"kanban/{t2}"
 
 
-def test_worktree_git_runs_while_kanband_serves(kanband_factory, home):
-    """`git worktree add` runs as a helper process, not on the daemon's time: while a
-    (deliberately stalled) git is running, kanband answers; the worker starts once
-    git is done, and git's output is in the task log."""
+def held_worktree_add(kanband_factory, home, body: str):
+    """A kanband whose `git worktree add` is held (see stalled_git) and a shell
+    task in a worktree of a fresh repository, its git started and held.
+    Returns (kanband, repo, task id, git's started file, its release file)."""
     w = wdir(home)
     repo = git_repo(w / "repo")
     fake, started, release = stalled_git(w, "worktree add")
@@ -653,8 +653,16 @@ def test_worktree_git_runs_while_kanband_serves(kanband_factory, home):
     k.__class__ = EnvKanband
     k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}
     k.start()
-    tid = k.create("wt", assignee="shell", body="pwd\n", workspace=f"worktree:{repo}")["id"]
+    tid = k.create("wt", assignee="shell", body=body, workspace=f"worktree:{repo}")["id"]
     wait_for(started.exists, 20, "git worktree add to start")
+    return k, repo, tid, started, release
+
+
+def test_worktree_git_runs_while_kanband_serves(kanband_factory, home):
+    """`git worktree add` runs as a helper process, not on the daemon's time: while a
+    (deliberately stalled) git is running, kanband answers; the worker starts once
+    git is done, and git's output is in the task log."""
+    k, repo, tid, started, release = held_worktree_add(kanband_factory, home, "pwd\n")
     with k.client(timeout=5) as c:  # answered while git is still held
         assert c.call("system.ping")["pong"] is True
         assert c.call("task.show", {"id": tid})["task"]["status"] == "running"
@@ -672,16 +680,8 @@ def test_half_made_worktree_after_kill9_is_made_again(kanband_factory, home):
     worktree (git marks it locked while adding). The board keeps a mark for
     each add in progress, so the retry does not run its worker in the broken
     tree: it removes it and adds it again."""
-    w = wdir(home)
-    repo = git_repo(w / "repo")
-    fake, started, release = stalled_git(w, "worktree add")
-    k = kanband_factory(toml(BASE), start=False)
-    k.__class__ = EnvKanband
-    k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}
-    k.start()
-    tid = k.create("wt", assignee="shell", body="test -f README && echo whole\n",
-                   workspace=f"worktree:{repo}")["id"]
-    wait_for(started.exists, 20, "git worktree add to start")
+    k, repo, tid, started, release = held_worktree_add(kanband_factory, home,
+                                                       "test -f README && echo whole\n")
     k.kill9()
     for p in psutil.process_iter(["cmdline"]):  # the held git must never go on
         if str(started) in " ".join(p.info["cmdline"] or []):
