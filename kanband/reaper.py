@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import os
 import shutil
 import signal
@@ -45,6 +46,21 @@ _SHIM_END = ('__kb_rc=$?; echo "$__kb_rc" > "$__kb_f"; '
 # keep kanband's); the rest is the worker's argv.
 _SHIM_START = '__kb_f=$1; [ -z "$2" ] || ulimit -S -n "$2" 2>/dev/null; '
 SHIM = _SHIM_START + 'shift 2; "$@"; ' + _SHIM_END
+# Helpers (git, notifiers): only the open-files limit given back, then exec.
+HELPER_SHIM = 'ulimit -S -n "$1" 2>/dev/null; shift; exec "$@"'
+
+
+def helper_argv(argv: list[str], env: dict[str, str]) -> list[str]:
+    """A helper's command line, under kanband's original open-files soft limit
+    (see worker_nofile) when kanband raised its own. Raises FileNotFoundError,
+    as Popen would, when the command cannot be found."""
+    if worker_nofile is None:
+        return argv
+    exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
+    if exe is None or not os.access(exe, os.X_OK):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", argv[0])
+    return ["/bin/sh", "-c", HELPER_SHIM, "kanband-helper", str(worker_nofile), exe,
+            *argv[1:]]
 # The built-in shell profile: shell text (the task body) run in a subshell of the
 # shim itself -- one sh process and no exec instead of two -- with no positional
 # parameters and no shim variable set. The text comes in the environment, not
@@ -352,10 +368,11 @@ class Reaper:
             inp.write(stdin)
             inp.seek(0)
             out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            env = env if env is not None else child_env()
             try:
-                p = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, close_fds=True,
-                                     env=env if env is not None else child_env())
+                p = subprocess.Popen(helper_argv(argv, env), stdin=inp, stdout=out,
+                                     stderr=subprocess.STDOUT,
+                                     start_new_session=True, close_fds=True, env=env)
             finally:
                 os.close(out)
         fut: asyncio.Future[int] = self.loop.create_future()

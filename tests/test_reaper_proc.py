@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import psutil
+import pytest
 
 from kanband.reaper import Reaper, children_of, proc_start_time
 
@@ -84,3 +85,20 @@ def test_a_kill_needing_a_newer_scan_does_not_spin_on_a_finished_one():
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_helper_argv_restores_the_limit_and_fails_like_popen(monkeypatch):
+    """With kanband's open-files limit raised, helpers run under a small sh that
+    gives the original soft limit back; a command that cannot be found still
+    raises FileNotFoundError before anything starts, as Popen would."""
+    from kanband import reaper
+    env = {"PATH": os.environ["PATH"]}
+    monkeypatch.setattr(reaper, "worker_nofile", None)
+    assert reaper.helper_argv(["true", "x"], env) == ["true", "x"]
+    import resource
+    low = min(200, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1)
+    monkeypatch.setattr(reaper, "worker_nofile", low)
+    argv = reaper.helper_argv(["sh", "-c", "ulimit -S -n"], env)
+    assert subprocess.run(argv, capture_output=True, text=True).stdout.strip() == str(low)
+    with pytest.raises(FileNotFoundError):
+        reaper.helper_argv(["no-such-command-kb"], env)

@@ -140,6 +140,33 @@ def test_workers_get_the_open_files_limit_kanband_started_with(kanband_factory):
     assert k.wait_status(other, "done")["result"] == str(low)
 
 
+def test_helpers_get_the_open_files_limit_kanband_started_with(kanband_factory, home):
+    """Helpers kanband runs (here git, adding a worktree) get the soft open-files
+    limit it started with back, as workers do."""
+    import resource
+    w = wdir(home)
+    repo = git_repo(w / "repo")
+    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    seen = w / "git-nofile"
+    (w / "bin").mkdir()
+    (w / "bin" / "git").write_text(f"#!/bin/sh\nulimit -S -n >> {seen}\nexec {real_git} \"$@\"\n")
+    (w / "bin" / "git").chmod(0o755)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256 if hard == resource.RLIM_INFINITY or hard > 256 else hard // 2
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        k = kanband_factory(toml(BASE), start=False)
+        k.__class__ = EnvKanband
+        k.extra_env = {"PATH": f"{w / 'bin'}:{os.environ['PATH']}"}
+        k.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    tid = k.create("wt", assignee="shell", body="true", workspace=f"worktree:{repo}")["id"]
+    k.wait_status(tid, "done")
+    assert seen.read_text().split() and set(seen.read_text().split()) == {str(low)}
+
+
 def test_shell_task_from_the_cli_and_wait(kd):
     """`kanbanctl create "build" --assignee shell --body ...` runs, and `wait` exits 0."""
     r = kd.ctl("create", "build", "--assignee", "shell", "--body", "echo make test ok", "-q")
