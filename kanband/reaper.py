@@ -50,14 +50,22 @@ SHIM = _SHIM_START + 'shift 2; "$@"; ' + _SHIM_END
 HELPER_SHIM = 'ulimit -S -n "$1" 2>/dev/null; shift; exec "$@"'
 
 
+def find_command(exe: str, env: dict[str, str]) -> str | None:
+    """The executable file `exe` names (searched on env's PATH unless it holds a
+    slash), or None."""
+    if "/" not in exe:
+        return shutil.which(exe, path=env.get("PATH"))
+    return exe if os.access(exe, os.X_OK) and os.path.isfile(exe) else None
+
+
 def helper_argv(argv: list[str], env: dict[str, str]) -> list[str]:
     """A helper's command line, under kanband's original open-files soft limit
     (see worker_nofile) when kanband raised its own. Raises FileNotFoundError,
     as Popen would, when the command cannot be found."""
     if worker_nofile is None:
         return argv
-    exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
-    if exe is None or not os.access(exe, os.X_OK):
+    exe = find_command(argv[0], env)
+    if exe is None:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", argv[0])
     return ["/bin/sh", "-c", HELPER_SHIM, "kanband-helper", str(worker_nofile), exe,
             *argv[1:]]
@@ -314,9 +322,7 @@ class Reaper:
         run's header line. Returns (fd, offset of the run's output). File work
         only: safe to call from a thread. Raises OSError with a reason."""
         exe = argv[0]
-        found = shutil.which(exe, path=env.get("PATH")) if "/" not in exe else (
-            exe if os.access(exe, os.X_OK) and os.path.isfile(exe) else None)
-        if not found:
+        if find_command(exe, env) is None:
             raise OSError(f"command not found or not executable: {exe}")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
