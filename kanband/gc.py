@@ -36,14 +36,23 @@ def inside(path: Path, root: Path) -> bool:
     return real != base and base in real.parents
 
 
-def _remove_tree(path: Path, root: Path, report: dict[str, Any], key: str) -> None:
+def remove_inside(path: Path, root: Path) -> bool | None:
+    """Remove the tree at `path` if it is no symlink and lies inside `root`.
+    True: removed; False: refused; None: nothing there. File work only."""
     if not (path.exists() or path.is_symlink()):
-        return
+        return None
     if path.is_symlink() or not inside(path, root):
-        report["refused"].append(str(path))
-        return
+        return False
     shutil.rmtree(path, ignore_errors=True)
-    report[key] += 1
+    return True
+
+
+def _remove_tree(path: Path, root: Path, report: dict[str, Any], key: str) -> None:
+    removed = remove_inside(path, root)
+    if removed is False:
+        report["refused"].append(str(path))
+    elif removed:
+        report[key] += 1
 
 
 def _remove_trees(trees: list[tuple[Path, Path, str]], report: dict[str, Any]) -> None:

@@ -201,7 +201,8 @@ def boot_time() -> float:
     return _BOOT_TIME
 
 
-def set_boot_time(value: float) -> None:
+def set_boot_time(value: float | None) -> None:
+    """Count start times from `value`; None: from the boot time read afresh."""
     global _BOOT_TIME
     _BOOT_TIME = value
 

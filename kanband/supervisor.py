@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 
-from kanband import context, states, workspace
+from kanband import context, gc, states, workspace
 from kanband import reaper as reaper_mod
 from kanband.board import hash_token, new_token
 from kanband.config import Config, Profile
@@ -91,7 +89,7 @@ class Supervisor:
                 return
             except ValueError:
                 pass
-        reaper_mod.set_boot_time(psutil.boot_time())
+        reaper_mod.set_boot_time(None)  # this boot's, read afresh
         if bid is not None:
             try:
                 self.store.set_meta("boot_time", repr(reaper_mod.boot_time()))
@@ -339,16 +337,14 @@ class Supervisor:
         worktree and adds it again instead of running a worker in it."""
         log_path = self.paths.logs / f"{task['id']}.log"
         key = _adding_key(target)
-        if target.exists() or target.is_symlink():
-            if self.store.get_meta(key) is None:
-                return target  # another add finished it meanwhile
+        if self.store.get_meta(key) is not None and (target.exists() or target.is_symlink()):
             _log_note(log_path, f"removing {target}: a half-made worktree (an earlier "
                                 "`git worktree add` did not finish)")
             # twice --force: git keeps a worktree it is still adding locked
             await self._git(repo, ["worktree", "remove", "--force", "--force", str(target)],
                             log_path, 60.0)
-            if target.exists() or target.is_symlink():
-                await asyncio.to_thread(_remove_tree, target)
+            # gc's rule: never a symlink, never outside <repo>/.worktrees
+            await asyncio.to_thread(gc.remove_inside, target, repo / ".worktrees")
             await self._git(repo, ["worktree", "prune"], log_path, 60.0)
         try:
             self.store.set_meta(key, str(time.time()))
@@ -942,13 +938,6 @@ def _with_tail(text: str, tail: str) -> str:
 def _adding_key(target: Path) -> str:
     """The board's mark (meta table) of a `git worktree add` in progress."""
     return f"worktree_adding:{target}"
-
-
-def _remove_tree(path: Path) -> None:
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _log_note(path: Path, text: str) -> None:
