@@ -174,6 +174,7 @@ RUN_FIELDS = (
 
 _TASK_COLUMNS = (*TASK_FIELDS, "worker_pid", "lease_expires", "last_heartbeat_at")
 _COMMENT_COLUMNS = ("id", "task_id", "author", "body", "created_at")
+_COMMENTS = "SELECT " + ", ".join(_COMMENT_COLUMNS) + " FROM comments WHERE task_id = ?"
 _TASK_COLS = (
     ", ".join(f"t.{f}" for f in TASK_FIELDS)
     + ", r.worker_pid AS worker_pid, r.lease_expires AS lease_expires,"
@@ -630,13 +631,12 @@ class Store:
         return self._unfinished_parents(task_id)
 
     def comments(self, task_id: str, last: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT " + ", ".join(_COMMENT_COLUMNS) + " FROM comments WHERE task_id = ?"
-        if not last:
-            return [dict(zip(_COMMENT_COLUMNS, r))
-                    for r in self._db.execute(sql + " ORDER BY id", (task_id,))]
-        rows = self._db.execute(sql + f" ORDER BY id DESC LIMIT {int(last)}",
-                                (task_id,)).fetchall()
-        return [dict(zip(_COMMENT_COLUMNS, r)) for r in reversed(rows)]
+        """In id order; `last`: only the last that many."""
+        order = f" ORDER BY id DESC LIMIT {int(last)}" if last else " ORDER BY id"
+        rows = self._db.execute(_COMMENTS + order, (task_id,)).fetchall()
+        if last:
+            rows.reverse()
+        return [dict(zip(_COMMENT_COLUMNS, r)) for r in rows]
 
     def count_comments(self, task_id: str) -> int:
         return self._db.execute("SELECT count(*) FROM comments WHERE task_id=?",
