@@ -54,6 +54,7 @@ class StallWatch(threading.Thread):
         self.loop_thread = threading.get_ident()  # made on the loop's thread
         self.last_beat = time.monotonic()
         self._stop_event = threading.Event()
+        self.armed = threading.Event()  # the faulthandler dump is armed (once, at least)
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -86,6 +87,7 @@ class StallWatch(threading.Thread):
             return True
         try:
             faulthandler.dump_traceback_later(self.dump, exit=False)
+            self.armed.set()
             return True
         except (RuntimeError, ValueError, OSError) as e:
             log.warning("stallwatch_no_dump", error=str(e))

@@ -22,9 +22,9 @@ def test_a_loop_stuck_holding_the_gil_gets_every_stack_dumped():
         async def main():
             watch = StallWatch(asyncio.get_running_loop(), stall=0.3, beat=0.1, dump=1.0)
             watch.start()
-            await asyncio.sleep(0.6)  # healthy: the watch arms the dump
+            armed = await asyncio.to_thread(watch.armed.wait, 20)  # the loop is healthy
+            assert armed, "the watch never armed the dump"
             wedged_with_the_gil()
-            await asyncio.sleep(0.3)
             watch.stop()
 
         asyncio.run(main())
