@@ -7,11 +7,13 @@ active in every module that imports it with `from supervision_helpers import *`.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 import pytest
@@ -181,23 +183,50 @@ def git_repo(path: Path, files: dict[str, str] | None = None) -> Path:
     return path
 
 
-def stalled_git(where: Path, step: str) -> tuple[Path, Path, Path]:
-    """A `git` for the front of a daemon's PATH that holds `git ... <step> ...`
-    (e.g. "worktree add") until a release file exists (at most 30 s), then runs
-    the real git. Returns (its directory, the file it creates once holding, the
-    release file)."""
+def fake_git(where: Path, before: str) -> Path:
+    """A `git` for the front of a daemon's PATH (see start_with_path): runs the
+    shell text `before` (git's arguments in "$@"), then the real git. Returns
+    its directory."""
     real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
                               text=True, check=True).stdout.strip()
     fake = where / "bin"
     fake.mkdir()
-    started, release = where / "git-started", where / "git-release"
-    (fake / "git").write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in *"{step}"*) touch {started}; i=0\n'
-        f'  while [ ! -e {release} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done;; esac\n'
-        f'exec {real_git} "$@"\n')
+    (fake / "git").write_text(f'#!/bin/sh\n{before}exec {real_git} "$@"\n')
     (fake / "git").chmod(0o755)
+    return fake
+
+
+def stalled_git(where: Path, step: str) -> tuple[Path, Path, Path]:
+    """A fake_git that holds `git ... <step> ...` (e.g. "worktree add") until a
+    release file exists (at most 30 s), then runs the real git. Returns (its
+    directory, the file it creates once holding, the release file)."""
+    started, release = where / "git-started", where / "git-release"
+    fake = fake_git(where, f'case "$*" in *"{step}"*) touch {started}; i=0\n'
+                           f'  while [ ! -e {release} ] && [ $i -lt 600 ]; do sleep 0.05; '
+                           'i=$((i+1)); done;; esac\n')
     return fake, started, release
+
+
+def start_with_path(kanband_factory: Any, config: str | None, bin_dir: Path) -> Kanband:
+    """A started kanband whose daemon finds `bin_dir` first on its PATH."""
+    k = kanband_factory(config, start=False)
+    k.__class__ = EnvKanband
+    k.extra_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    k.start()
+    return k
+
+
+@contextmanager
+def low_open_files_limit() -> Iterator[int]:
+    """Our soft RLIMIT_NOFILE lowered for the block (a daemon started in it
+    inherits it), to 256 or half a smaller hard limit; yields that limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256 if hard == resource.RLIM_INFINITY or hard > 256 else hard // 2
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        yield low
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def runs_of(k: Kanband, task_id: str) -> list[dict[str, Any]]:

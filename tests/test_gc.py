@@ -13,7 +13,7 @@ import pytest
 
 from kanband.errors import KanbanError
 from stream_helpers import reap_leftovers, wait_for
-from supervision_helpers import EnvKanband, git_repo, stalled_git
+from supervision_helpers import git_repo, stalled_git, start_with_path
 
 assert reap_leftovers  # autouse: kills what a test left running
 
@@ -213,10 +213,7 @@ def test_gc_answers_other_clients_while_git_removes_a_worktree(kanband_factory, 
 
     repo = git_repo(home / "repo", {"README": "r\n"})
     fake, started, release = stalled_git(home, "worktree remove")
-    k = kanband_factory(start=False)
-    k.__class__ = EnvKanband
-    k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}
-    k.start()
+    k = start_with_path(kanband_factory, None, fake)
     gone = shell_task(k, "wt archived", workspace=f"worktree:{repo}")
     k.call("task.archive", id=gone)
     result: dict[str, Any] = {}

@@ -19,9 +19,9 @@ import psutil
 from kanband.errors import KanbanError
 from conftest import events_of, kinds_of, snapshot, wait_for
 from supervision_helpers import *  # noqa: F401,F403  (also activates kill_leftovers)
-from supervision_helpers import (EnvKanband, children_under, daemon_pid, git_repo,
-                                 live_workers, runs_of, stalled_git, toml, wcmd, wdir,
-                                 zombies_under)
+from supervision_helpers import (EnvKanband, children_under, daemon_pid, fake_git, git_repo,
+                                 live_workers, low_open_files_limit, runs_of, stalled_git,
+                                 start_with_path, toml, wcmd, wdir, zombies_under)
 
 BASE = {"kill_grace": 0.5, "retry_backoff": 60, "failure_limit": 3, "exit_grace": 2}
 
@@ -119,17 +119,9 @@ def test_workers_get_the_open_files_limit_kanband_started_with(kanband_factory):
     """kanband raises its own soft RLIMIT_NOFILE to the hard limit (it holds many
     descriptors); its workers get the soft limit it started with back, as a
     program using select() expects."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    low = 256
-    if hard != resource.RLIM_INFINITY and hard <= low:
-        low = hard // 2
-    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
-    try:
+    with low_open_files_limit() as low:
         k = kanband_factory(toml(BASE, counter={"command": ["/bin/sh", "-c", "ulimit -n"],
                                                 "complete_on_exit": True}))
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     limits = Path(f"/proc/{daemon_pid(k)}/limits").read_text()
     own_soft = int(next(line for line in limits.splitlines()
                         if line.startswith("Max open files")).split()[3])
@@ -143,25 +135,12 @@ def test_workers_get_the_open_files_limit_kanband_started_with(kanband_factory):
 def test_helpers_get_the_open_files_limit_kanband_started_with(kanband_factory, home):
     """Helpers kanband runs (here git, adding a worktree) get the soft open-files
     limit it started with back, as workers do."""
-    import resource
     w = wdir(home)
     repo = git_repo(w / "repo")
-    real_git = subprocess.run(["sh", "-c", "command -v git"], capture_output=True,
-                              text=True, check=True).stdout.strip()
     seen = w / "git-nofile"
-    (w / "bin").mkdir()
-    (w / "bin" / "git").write_text(f"#!/bin/sh\nulimit -S -n >> {seen}\nexec {real_git} \"$@\"\n")
-    (w / "bin" / "git").chmod(0o755)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    low = 256 if hard == resource.RLIM_INFINITY or hard > 256 else hard // 2
-    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
-    try:
-        k = kanband_factory(toml(BASE), start=False)
-        k.__class__ = EnvKanband
-        k.extra_env = {"PATH": f"{w / 'bin'}:{os.environ['PATH']}"}
-        k.start()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    fake = fake_git(w, f"ulimit -S -n >> {seen}\n")
+    with low_open_files_limit() as low:
+        k = start_with_path(kanband_factory, toml(BASE), fake)
     tid = k.create("wt", assignee="shell", body="true", workspace=f"worktree:{repo}")["id"]
     k.wait_status(tid, "done")
     assert seen.read_text().split() and set(seen.read_text().split()) == {str(low)}
@@ -676,10 +655,7 @@ def held_worktree_add(kanband_factory, home, body: str):
     w = wdir(home)
     repo = git_repo(w / "repo")
     fake, started, release = stalled_git(w, "worktree add")
-    k = kanband_factory(toml(BASE), start=False)
-    k.__class__ = EnvKanband
-    k.extra_env = {"PATH": f"{fake}:{os.environ['PATH']}"}
-    k.start()
+    k = start_with_path(kanband_factory, toml(BASE), fake)
     tid = k.create("wt", assignee="shell", body=body, workspace=f"worktree:{repo}")["id"]
     wait_for(started.exists, 20, "git worktree add to start")
     return k, repo, tid, started, release
