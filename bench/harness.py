@@ -329,12 +329,15 @@ class Daemon:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             lines = []
-        for i, line in enumerate(lines):  # faulthandler's dump: the GIL itself was held
-            if line.startswith("Timeout ("):
+        for i, line in enumerate(lines):  # one pass; only stall lines are parsed
+            if line.startswith("Timeout ("):  # faulthandler's dump: the GIL was held
                 print(f"\n  WARNING: {CURRENT}: kanband's loop stuck (faulthandler):\n    "
                       + "\n    ".join(lines[i:i + 40]), file=sys.stderr, flush=True)
-        for e in self.log_events():
-            if e.get("event") == "loop_stalled":
+            elif '"loop_stalled"' in line:
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
                 where = " | ".join(str(e.get("stack", "")).strip().splitlines()[-4:])
                 print(f"\n  WARNING: {CURRENT}: kanband's loop stalled {e.get('seconds')} s "
                       f"at: {where}", file=sys.stderr, flush=True)
