@@ -148,6 +148,7 @@ class Board:
                 "counts": self.store.counts_by_status(), "paused": info["paused"],
                 "workers": info.get("workers", []), "running_workers": info["running"],
                 "max_workers": self.config.max_workers,
+                "busy_poll_us": round(self.config.busy_poll * 1e6, 3),
                 "profiles": sorted(self.config.profiles), "event_head": self.store.event_head()}
 
     # -- tasks ---------------------------------------------------------------

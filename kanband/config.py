@@ -12,14 +12,14 @@ from typing import Any
 
 from kanband.errors import InvalidArgument, show
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|[smhd]?)\s*$")
+_UNITS = {"": 1, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(value: Any, what: str = "duration") -> float:
-    """Seconds from `300`, `"90s"`, `"30m"`, `"2h"`, `"1d"`."""
+    """Seconds from `300`, `"90s"`, `"30m"`, `"2h"`, `"1d"` (and `"500ms"`, `"100us"`)."""
     if isinstance(value, bool):
-        raise InvalidArgument(f"{what}: expected a duration like 300, 90s, 30m, 2h or 1d, got {show(value)}")
+        raise InvalidArgument(f"{what}: expected a duration like 300, 500ms, 90s, 30m, 2h or 1d, got {show(value)}")
     if isinstance(value, (int, float)):
         if not math.isfinite(value):
             raise InvalidArgument(f"{what}: must be a finite number of seconds, got {show(value)}")
@@ -30,7 +30,7 @@ def parse_duration(value: Any, what: str = "duration") -> float:
         m = _DURATION.match(value)
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
-    raise InvalidArgument(f"{what}: expected a duration like 300, 90s, 30m, 2h or 1d, got {show(value)}")
+    raise InvalidArgument(f"{what}: expected a duration like 300, 500ms, 90s, 30m, 2h or 1d, got {show(value)}")
 
 
 def parse_optional_duration(value: Any, what: str) -> float | None:
@@ -96,6 +96,7 @@ class Config:
     socket_mode: int = 0o600
     socket_group: str = ""
     log_format: str = "auto"
+    busy_poll: float = 100e-6  # kanband.busypoll: poll this long after answering a request
     profiles: dict[str, Profile] = field(default_factory=lambda: {"shell": SHELL_PROFILE})
     notifiers: dict[str, Notifier] = field(default_factory=dict)
     source: str | None = None  # the file it came from, None for defaults
@@ -146,7 +147,15 @@ _DAEMON_KEYS = {
     "socket_mode": _mode,
     "socket_group": _str,
     "log_format": lambda v, k: _choice(v, k, ("auto", "json", "console", "journal")),
+    "busy_poll": lambda v, k: _at_most(parse_duration(v, k), k, 0.01, "10ms"),
 }
+
+
+def _at_most(seconds: float, key: str, limit: float, shown: str) -> float:
+    if seconds > limit:
+        raise InvalidArgument(f"{key}: must be at most {shown} (a longer poll costs more CPU "
+                              f"than the wake-up it saves), got {seconds:g}s")
+    return seconds
 
 
 def _zero(key: str) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from kanband import __version__, logs, reaper
+from kanband import __version__, busypoll, logs, reaper
 from kanband import config as config_mod
 from kanband.board import Board
 from kanband.errors import InvalidArgument, KanbanError
@@ -260,6 +260,7 @@ class Daemon:
             self.notify.ready(self.status_line())
             raise
         self.config = new
+        busypoll.set_window(new.busy_poll)
         if self.board is not None:
             self.board.config = new
         if self.supervisor is not None:
@@ -440,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("started", pid=os.getpid(), version=__version__, home=str(paths.home),
              config=str(paths.config) if paths.config else None)
     try:
-        asyncio.run(daemon.serve())
+        with asyncio.Runner(loop_factory=lambda: busypoll.new_loop(config.busy_poll)) as runner:
+            runner.run(daemon.serve())
     finally:
         daemon.close()
         log.info("stopped")

@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 import msgpack
 import structlog
 
+from kanband import busypoll
 from kanband.board import Board, Caller
 from kanband.errors import (Forbidden, Internal, InvalidArgument, KanbanError,
                             MethodNotFound, TooLarge)
@@ -419,6 +420,7 @@ class Connection(asyncio.Protocol):
             self._batch_out = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(a for _, a in out))
+            busypoll.arm()
         if self._fatal_pending is not None:  # after the answers of the frames before it
             err, self._fatal_pending = self._fatal_pending, None
             self.fatal(err)
@@ -489,6 +491,7 @@ class Connection(asyncio.Protocol):
         if self.closed or self.transport is None or self.transport.is_closing():
             return
         self.transport.write(pack([RESPONSE, msgid, error, result]))
+        busypoll.arm()
 
     def notify(self, method: str, params: Any) -> None:
         if not self.closed and self.transport is not None and not self.transport.is_closing():

@@ -337,6 +337,8 @@ BAD_CONFIGS: list[tuple[str | bytes, str]] = [
     ("[profiles.x]\ncommand = [\"a\"]\nrate_limit_cooldown = \"soon\"\n",
      "profiles.x.rate_limit_cooldown"),
     ("[daemon]\nretry_backoff = \"10m\"\nretry_backoff_max = \"1m\"\n", "daemon.retry_backoff_max"),
+    ("[daemon]\nbusy_poll = \"1s\"\n", "daemon.busy_poll"),  # past the 10ms cap
+    ("[daemon]\nbusy_poll = \"100 ns\"\n", "daemon.busy_poll"),
     # placeholders
     ("[profiles.x]\ncommand = [\"a\", \"{task_id\"]\n", "profiles.x.command"),
     ("[profiles.x]\ncommand = [\"a\", \"task_id}\"]\n", "profiles.x.command"),

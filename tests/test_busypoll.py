@@ -1,0 +1,183 @@
+"""The event loop's busy-poll after an answer (kanband/busypoll.py, `[daemon] busy_poll`).
+
+The selector is tested on a real socketpair: armed, its next blocking select
+polls (without sleeping) until data comes or the window ends, then sleeps for
+the rest of the timeout; unarmed, or with a zero window, it never polls. The
+RPC layer arms it after writing answers, and only then (in-process, with the
+rpc pump's fake transport). A real daemon with the largest window spins while a
+client keeps calling, and goes quiet when it stops; `busy_poll = 0` never spins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from kanband import busypoll
+from kanband import config as config_mod
+from kanband.errors import InvalidArgument
+from kanband.protocol import REQUEST, pack
+from tests.test_rpc_pump import board, make_connection, peer  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def send_later(sock: socket.socket, delay: float) -> threading.Thread:
+    t = threading.Thread(target=lambda: (time.sleep(delay), sock.send(b"x")), daemon=True)
+    t.start()
+    return t
+
+
+def selector(window: float, sock: socket.socket) -> busypoll.BusyPollSelector:
+    sel = busypoll.BusyPollSelector(window)
+    sel.register(sock, 1)  # EVENT_READ
+    return sel
+
+
+def test_armed_select_polls_until_data_comes(pair):
+    """Armed, a blocking select keeps polling while it waits, returns the socket that became readable, and disarms."""
+    a, b = pair
+    sel = selector(1.0, a)
+    sel.armed = True
+    t = send_later(b, 0.05)
+    ready = sel.select(timeout=10)
+    t.join()
+    assert [key.fileobj for key, _ in ready] == [a]
+    assert sel.polls > 1, "it slept instead of polling"
+    assert not sel.armed
+    sel.close()
+
+
+def test_unarmed_or_zero_window_never_polls(pair):
+    """Unarmed, or with busy_poll = 0, select sleeps in epoll_wait: no polls at all."""
+    a, b = pair
+    for window, armed in ((1.0, False), (0.0, True)):
+        sel = selector(window, a)
+        sel.armed = armed
+        t = send_later(b, 0.02)
+        ready = sel.select(timeout=10)
+        t.join()
+        a.recv(16)
+        assert [key.fileobj for key, _ in ready] == [a]
+        assert sel.polls == 0, (window, armed)
+        sel.close()
+
+
+def test_poll_window_ends_then_sleeps_the_rest_of_the_timeout(pair):
+    """Nothing comes: the poll stops at its window and select still waits out the caller's whole timeout (not less), then returns nothing."""
+    a, _ = pair
+    sel = selector(0.02, a)
+    sel.armed = True
+    t0 = time.monotonic()
+    ready = sel.select(timeout=0.3)
+    waited = time.monotonic() - t0
+    assert ready == []
+    assert waited >= 0.29, f"select returned after {waited:.3f}s of a 0.3s timeout"
+    assert sel.polls >= 1 and not sel.armed
+    sel.close()
+
+
+def test_a_zero_timeout_keeps_the_arm_for_the_next_blocking_select(pair):
+    """The loop's non-blocking selects (callbacks still queued) neither poll nor use up the arm: the next blocking select does."""
+    a, b = pair
+    sel = selector(1.0, a)
+    sel.armed = True
+    assert sel.select(timeout=0) == []
+    assert sel.armed and sel.polls == 0
+    t = send_later(b, 0.02)
+    assert sel.select(timeout=None)
+    t.join()
+    assert sel.polls >= 1 and not sel.armed
+    sel.close()
+
+
+def test_an_answer_arms_the_loop_and_nothing_else_does(board, peer):  # noqa: F811
+    """In-process: writing a request's answer arms the loop's selector; a connection that only receives a partial frame, or a notification, does not."""
+    loop = busypoll.new_loop(0.001)
+    try:
+        sel = busypoll._selector
+        assert isinstance(sel, busypoll.BusyPollSelector)
+
+        async def go() -> None:
+            conn, transport = make_connection(board, peer)
+            frame = pack([REQUEST, 7, "system.ping", [{}]])
+            conn.data_received(frame[:5])
+            assert not sel.armed, "armed before any answer"
+            conn.notify("event", {"id": 1})
+            assert not sel.armed, "a notification armed the loop"
+            conn.data_received(frame[5:])
+            assert transport.messages()[-1][:3] == [1, 7, None]
+            assert sel.armed, "answering a request did not arm the loop"
+            sel.armed = False
+            conn.data_received(pack([REQUEST, 8, "task.list", [{}]]))  # a batched answer
+            assert sel.armed
+        loop.run_until_complete(go())
+    finally:
+        loop.close()
+        busypoll._selector = None
+
+
+@pytest.mark.parametrize("value,seconds", [("100us", 100e-6), ("2ms", 0.002), (0, 0.0),
+                                           ("10ms", 0.01), (0.0005, 0.0005)])
+def test_busy_poll_config_values(value, seconds):
+    """busy_poll takes a duration with us/ms units (or seconds), up to 10ms; 0 turns it off."""
+    assert config_mod.from_dict({"daemon": {"busy_poll": value}}).busy_poll == pytest.approx(seconds)
+    assert config_mod.Config().busy_poll == pytest.approx(100e-6)
+
+
+@pytest.mark.parametrize("value", ["11ms", "1s", -1, "fast", True])
+def test_busy_poll_config_refused(value):
+    with pytest.raises(InvalidArgument, match="daemon.busy_poll"):
+        config_mod.from_dict({"daemon": {"busy_poll": value}})
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _paced_calls(k: Any, n: int, pause: float) -> float:
+    """Daemon CPU seconds spent while a client makes n pings, `pause` apart."""
+    c = k.client()
+    try:
+        c.call("system.ping", {})
+        before = _cpu_seconds(k.proc.pid)
+        for _ in range(n):
+            c.call("system.ping", {})
+            time.sleep(pause)
+        return _cpu_seconds(k.proc.pid) - before
+    finally:
+        c.close()
+
+
+def test_daemon_spins_between_calls_only_when_configured(kanband_factory):
+    """A real daemon with busy_poll = "10ms" polls through the 3 ms pauses of a client that keeps calling (CPU time of about the pauses); with busy_poll = 0 it sleeps through them (a small fraction of that); and once the client stops, the spinning daemon goes quiet. status and reload show the window."""
+    spin = kanband_factory('[daemon]\nbusy_poll = "10ms"\n', sub="spin")
+    quiet = kanband_factory("[daemon]\nbusy_poll = 0\n", sub="quiet")
+    assert spin.call("daemon.status")["busy_poll_us"] == 10000
+    assert quiet.call("daemon.status")["busy_poll_us"] == 0
+    n, pause = 150, 0.003
+    spun = _paced_calls(spin, n, pause)
+    slept = _paced_calls(quiet, n, pause)
+    assert spun >= 0.25 * n * pause, f"busy_poll=10ms used only {spun:.3f}s of CPU in {n} pauses"
+    assert slept < spun / 3, f"busy_poll=0 used {slept:.3f}s of CPU, busy_poll=10ms {spun:.3f}s"
+    before = _cpu_seconds(spin.proc.pid)
+    time.sleep(1.0)
+    idle = _cpu_seconds(spin.proc.pid) - before
+    assert idle < 0.3, f"an idle daemon used {idle:.2f}s of CPU in 1s: it kept spinning"
+    spin.write_config('[daemon]\nbusy_poll = "50us"\n')
+    assert spin.ctl("reload").returncode == 0
+    assert spin.call("daemon.status")["busy_poll_us"] == 50
