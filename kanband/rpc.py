@@ -395,7 +395,7 @@ class Connection(asyncio.Protocol):
         self._batch_out = out
         taken = size = 0
         try:
-            with store.batch():
+            with store.batch(single=n == 1):
                 while taken < n and size < WRITE_HIGH_WATER and self._fatal_pending is None:
                     taken += 1
                     k = len(out)

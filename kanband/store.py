@@ -245,9 +245,10 @@ class _Checkpointer(threading.Thread):
 class Batch:
     """State of one group commit (see Store.batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, single: bool = False) -> None:
         self.writes = 0  # operations whose savepoint was released
         self.failed: str | None = None  # set when SQLite dropped the transaction
+        self.single = single  # one request: its first write needs no savepoint
 
 
 class Store:
@@ -454,19 +455,27 @@ class Store:
             # in a read, say): the writes before are gone. Never start afresh.
             b.failed = "the transaction was rolled back"
             raise self._unwritable(b.failed)
+        # The first write of a one-request batch has nothing before it to keep:
+        # the transaction is its savepoint, and a failure rolls all of it back.
+        whole = b.single and not b.writes
         try:
             if not self._db.in_transaction:
                 self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("SAVEPOINT op")
+            if not whole:
+                self._db.execute("SAVEPOINT op")
             try:
                 yield
-                self._db.execute("RELEASE op")
+                if not whole:
+                    self._db.execute("RELEASE op")
             except BaseException:
                 del self._pending[mark:]
                 del self._delta[dmark:]
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK TO op")
-                    self._db.execute("RELEASE op")
+                    if whole:
+                        self._db.execute("ROLLBACK")
+                    else:
+                        self._db.execute("ROLLBACK TO op")
+                        self._db.execute("RELEASE op")
                 elif b.writes:  # SQLite rolled the whole transaction back (I/O error)
                     b.failed = "the transaction was rolled back"
                 raise
@@ -477,14 +486,15 @@ class Store:
         b.writes += 1
 
     @contextmanager
-    def batch(self) -> Iterator["Batch"]:
+    def batch(self, single: bool = False) -> Iterator["Batch"]:
         """Group commit: every `_tx` inside becomes a savepoint of one transaction,
         committed (and its events published) at the end. Reads inside share that
         transaction too: one snapshot, and one round of file locking instead of
         one per statement. An operation that fails rolls back alone; if the
         final commit fails, every write of the batch is lost and this raises
         `unavailable` -- callers must not have told anyone the writes succeeded
-        (`b.writes` counts them)."""
+        (`b.writes` counts them). `single`: the batch holds one request, whose
+        first write then goes without a savepoint (two statements fewer)."""
         if self._batch is not None:
             raise RuntimeError("batches do not nest")
         self._before_write()
@@ -493,7 +503,7 @@ class Store:
         except sqlite3.OperationalError as e:
             raise Unavailable(f"the board could not be read: {e} "
                               f"(database {self.path})") from None
-        b = self._batch = Batch()
+        b = self._batch = Batch(single)
         self._pending, self._delta = [], []
         try:
             yield b

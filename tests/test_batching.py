@@ -161,6 +161,46 @@ def test_failed_operation_rolls_back_alone(store, db_path):
     assert [e["id"] for e in store.events()] == [e["id"] for e in store.rec.events]
 
 
+def test_one_request_batch_writes_without_a_savepoint_and_rolls_back_whole(store, db_path):
+    """batch(single=True), as the RPC layer runs a lone request: its first write goes
+    without SAVEPOINT/RELEASE. When that write fails after writing (the task row of a
+    poisoned create, then its event aborts), the whole transaction rolls back: no row,
+    no event, nothing published, the in-memory counts unchanged, and the batch ends
+    without an error. A second write of the same batch gets a savepoint again, so
+    its failure keeps the first."""
+    add_temp_trigger(store, """
+        CREATE TEMP TRIGGER poison AFTER INSERT ON main.events
+        WHEN NEW.kind = 'created'
+         AND (SELECT title FROM main.tasks WHERE id = NEW.task_id) = 'poison'
+        BEGIN SELECT RAISE(ABORT, 'poisoned'); END""")
+    seen: list[str] = []
+    store._db.set_trace_callback(seen.append)
+    with store.batch(single=True) as b:
+        ok = create(store, "ok")
+    assert b.writes == 1 and ro_titles(db_path) == ["ok"]
+    assert not any("SAVEPOINT" in q or "RELEASE" in q for q in seen), seen
+
+    with store.batch(single=True) as b:
+        with pytest.raises(sqlite3.IntegrityError, match="poisoned"):
+            create(store, "poison")
+        assert b.writes == 0
+    assert ro_titles(db_path) == ["ok"]
+    assert [e["task_id"] for e in store.rec.events] == [ok["id"]]
+    assert store.counts_by_status() == {"ready": 1} and store.writes == 1
+
+    seen.clear()
+    with store.batch(single=True) as b:
+        second = create(store, "second")
+        with pytest.raises(sqlite3.IntegrityError, match="poisoned"):
+            create(store, "poison")
+    store._db.set_trace_callback(None)
+    assert b.writes == 1 and any("SAVEPOINT" in q for q in seen)
+    assert ro_titles(db_path) == ["ok", "second"]
+    assert [e["task_id"] for e in store.rec.events] == [ok["id"], second["id"]]
+    assert store.counts_by_status() == {"ready": 2}
+    assert [e["task_id"] for e in store.events()] == [ok["id"], second["id"]]
+
+
 def test_exception_escaping_the_batch_rolls_back_everything(store, db_path):
     """An exception out of the batch body loses the whole batch: no row, no event, no
     write counted; the store keeps working afterwards."""

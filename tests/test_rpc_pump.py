@@ -132,13 +132,13 @@ def count_batches(store: Store, monkeypatch: pytest.MonkeyPatch, limit: int,
     seen = {"calls": 0}
 
     @contextlib.contextmanager
-    def batch() -> Iterator[Any]:
+    def batch(**kw: Any) -> Iterator[Any]:
         seen["calls"] += 1
         if seen["calls"] > limit:
             raise PumpRunaway(f"store.batch() entered {seen['calls']} times: the pump loops")
         if fail:
             raise Unavailable("the board could not be read: database is locked (test)")
-        with real() as b:
+        with real(**kw) as b:
             yield b
     monkeypatch.setattr(store, "batch", batch)
     return seen
@@ -282,8 +282,8 @@ def test_a_group_commit_that_fails_answers_every_request_of_it(board, peer, monk
     real = store.batch
 
     @contextlib.contextmanager
-    def failing_commit() -> Iterator[Any]:
-        with real() as b:
+    def failing_commit(**kw: Any) -> Iterator[Any]:
+        with real(**kw) as b:
             yield b
             b.failed = "disk I/O error (test)"  # SQLite dropped the transaction
     monkeypatch.setattr(store, "batch", failing_commit)
