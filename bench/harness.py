@@ -181,11 +181,15 @@ def _val(v: Any) -> str:
     return json.dumps(v)
 
 
+# [daemon] settings every bench daemon gets (`--busy-poll`), under its own.
+DAEMON_DEFAULTS: dict[str, Any] = {}
+
+
 def toml(daemon: dict[str, Any] | None = None, **profiles: dict[str, Any]) -> str:
     """A kanband.toml: `toml({"max_workers": 2}, fake={"command": [...]})`. The
     test suite builds its configs with this too."""
     out = ["[daemon]"]
-    for k, v in (daemon or {}).items():
+    for k, v in {**DAEMON_DEFAULTS, **(daemon or {})}.items():
         out.append(f"{k} = {_val(v)}")
     for name, prof in profiles.items():
         out.append(f"\n[profiles.{name}]")

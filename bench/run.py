@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="base directory for the temporary homes (default /tmp); socket "
                          "paths under it must fit in 107 bytes")
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    ap.add_argument("--busy-poll", metavar="DURATION",
+                    help="[daemon] busy_poll for every kanband started (default: kanband's "
+                         "own, 100us); 0 measures the daemon without it")
     args = ap.parse_args(argv)
     names = [n for arg in args.only for n in arg.split(",") if n] or list(METRICS)
     unknown = [n for n in names if n not in METRICS]
@@ -106,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     h.TMP_BASE = args.tmp
     if not h.unix_socket_path_ok(Path(args.tmp) / "kbenchXXXXXXXX" / "h" / "kanband.sock"):
         ap.error(f"--tmp {args.tmp}: too long for a Unix socket path")
+    if args.busy_poll is not None:
+        from kanband.config import parse_duration
+        try:
+            parse_duration(args.busy_poll, "--busy-poll")
+        except Exception as e:
+            ap.error(str(e))
+        h.DAEMON_DEFAULTS["busy_poll"] = args.busy_poll
     if args.profile:
         h.PROFILE_DIR = Path(args.profile).resolve()
     h.become_subreaper()
@@ -117,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     # some filesystems (see fs_probe), so nothing is deleted while metrics run.
     machine = h.machine_info(probe=False)
     mode = ("quick" if args.quick else "full") + (
-        f", pinned to cpu {args.pin}" if args.pin is not None else "")
+        f", pinned to cpu {args.pin}" if args.pin is not None else "") + (
+        f", busy_poll {args.busy_poll}" if args.busy_poll is not None else "")
     print(f"kanband bench ({mode}): {machine['nproc']} x "
           f"{machine['cpu']}, Linux {machine['kernel']}, Python {machine['python']}; "
           f"homes under {args.tmp}", flush=True)
