@@ -112,20 +112,26 @@ class Client:
         self.close()
 
     # -- requests ------------------------------------------------------------
-    def send(self, method: str, params: dict[str, Any] | None = None) -> int:
-        if self._sock is None:
-            self.connect()
-        assert self._sock is not None
+    def _frame(self, method: str, params: dict[str, Any] | None) -> bytes:
         self._msgid = (self._msgid + 1) & 0x7FFFFFFF
         params = dict(params or {})
         if self.token and "run_token" not in params:
             params["run_token"] = self.token
+        return pack([REQUEST, self._msgid, method, [params]])
+
+    def _send_bytes(self, data: bytes, what: str) -> None:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
         try:
-            self._sock.sendall(pack([REQUEST, self._msgid, method, [params]]))
+            self._sock.sendall(data)
         except TimeoutError:
-            raise TimedOut(f"timed out sending {method}") from None
+            raise TimedOut(f"timed out sending {what}") from None
         except OSError as e:
             raise Unreachable(self.path, f"connection lost: {e.strerror or e}") from None
+
+    def send(self, method: str, params: dict[str, Any] | None = None) -> int:
+        self._send_bytes(self._frame(method, params), method)
         return self._msgid
 
     def receive(self, msgid: int) -> Any:
@@ -141,8 +147,15 @@ class Client:
         return self.receive(self.send(method, params))
 
     def call_many(self, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-        """Pipeline several requests; each answer is a result or a KanbanError."""
-        ids = [self.send(m, p) for m, p in calls]
+        """Pipeline several requests; each answer is a result or a KanbanError.
+        The requests go out in one write: kanband reads them together and runs
+        them as one group commit instead of one by one."""
+        ids, frames = [], []
+        for m, p in calls:
+            frames.append(self._frame(m, p))
+            ids.append(self._msgid)
+        if frames:
+            self._send_bytes(b"".join(frames), f"{len(frames)} requests")
         out: list[Any] = []
         for i in ids:
             try:

@@ -410,6 +410,44 @@ def titles_with(k: Kanband, prefix: str) -> list[str]:
                   if t["title"].startswith(prefix))
 
 
+class CountingSocket:
+    """A client socket that counts its writes (socket objects take no new attributes)."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.writes = 0
+
+    def sendall(self, data: bytes) -> None:
+        self.writes += 1
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_call_many_sends_its_requests_in_one_write(bkd):
+    """Client.call_many writes all its requests at once (so kanband reads them
+    together and commits them as one group), and still pairs every answer, errors
+    included, with its request in order."""
+    tag = f"many-{uuid.uuid4().hex[:8]} "
+    c = bkd.client()
+    try:
+        c.call("system.ping")
+        counting = CountingSocket(c._sock)
+        c._sock = counting
+        calls = [("task.create", {"title": f"{tag}{i}"}) for i in range(40)]
+        calls.insert(20, ("task.show", {"id": "t_00000000"}))
+        out = c.call_many(calls)
+        c._sock = counting.sock
+    finally:
+        c.close()
+    assert counting.writes == 1
+    assert isinstance(out[20], NotFound)
+    made = [r["task"]["title"] for i, r in enumerate(out) if i != 20]
+    assert made == [f"{tag}{i}" for i in range(40)]
+    assert titles_with(bkd, tag) == sorted(made)
+
+
 def test_burst_of_creates_is_answered_after_it_is_durable(bkd):
     """200 creates in one write: each answered once under its msgid with a distinct
     task, every answered task already visible to an independent reader, all listed."""
