@@ -204,7 +204,9 @@ class Board:
                 "children": out[1 + len(parents):],
                 "comments": self.store.comments(tid),
                 "events": self.store.events(task_id=tid),
-                "runs": self.store.runs(tid, check=False)}
+                # never claimed (claim sets started_at once, for good): no runs to read
+                "runs": self.store.runs(tid, check=False) if task["started_at"] is not None
+                else []}
 
     def assign(self, p: Params, caller: Caller) -> Any:
         tid = p.task_id()

@@ -1045,6 +1045,8 @@ class Store:
                                {"task_id": task_id, "not_before": task["not_before"]})
             run_id = new_id("r_")
             lease = now + lease_ttl if lease_ttl else None
+            # The only place runs are made; it sets the task's started_at for good,
+            # so a task without started_at has no runs (Board.show relies on it).
             db.execute("INSERT INTO runs(id, task_id, profile, claimer, started_at, lease_expires,"
                        " lease_ttl, token_hash) VALUES (?,?,?,?,?,?,?,?)",
                        (run_id, task_id, profile, claimer, now, lease, lease_ttl, token_hash))
