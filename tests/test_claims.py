@@ -282,3 +282,21 @@ def test_tokens_are_stored_hashed(kd):
     # and no read shows it again
     for tid, tok in zip(tids, tokens):
         assert tok not in json.dumps(kd.call("task.show", id=tid))
+
+
+def test_show_lists_the_runs_of_every_task_that_has_any(kanband_factory):
+    """task.show's runs match task.runs for a task never claimed (none: show skips
+    the query), one whose lease expired and was requeued (started_at is kept, so its
+    run still shows), and one run to done by the shell profile."""
+    kd = kanband_factory('[daemon]\nretry_backoff = "0s"\n')
+    queued = kd.create("queued", triage=True)["id"]
+    requeued = kd.create("requeued")["id"]
+    kd.call("task.claim", id=requeued, ttl=1)
+    kd.wait_status(requeued, "ready", timeout=10)
+    ran = kd.create("ran", assignee="shell", body="echo ok")["id"]
+    kd.wait_status(ran, "done")
+    for tid, n in ((queued, 0), (requeued, 1), (ran, 1)):
+        shown = kd.call("task.show", id=tid)
+        assert shown["runs"] == kd.call("task.runs", id=tid)["runs"], tid
+        assert len(shown["runs"]) == n, tid
+        assert (shown["task"]["started_at"] is None) == (n == 0), tid
