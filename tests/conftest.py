@@ -21,6 +21,13 @@ from kanband.protocol import Client, Unreachable, TimedOut
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
+# A run started in the background by a non-interactive shell (`.ci/run &`,
+# nohup) inherits SIGINT ignored, and so would every kanbanctl it starts: Python
+# leaves an ignored SIGINT ignored. The Ctrl-C tests of watch/tail need it
+# delivered; a handler (unlike SIG_IGN) is reset to the default across exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
              interval: float = 0.02) -> Any:
