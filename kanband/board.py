@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kanband import __version__, context, gc, states, workspace
+from kanband import __version__, busypoll, context, gc, states, workspace
 from kanband.config import Config
 from kanband.dispatcher import Slots, waiting_reason
 from kanband.errors import Conflict, Forbidden, InvalidArgument, NotFound
@@ -148,7 +148,8 @@ class Board:
                 "counts": self.store.counts_by_status(), "paused": info["paused"],
                 "workers": info.get("workers", []), "running_workers": info["running"],
                 "max_workers": self.config.max_workers,
-                "busy_poll_us": round(self.config.busy_poll * 1e6, 3),
+                "busy_poll_us": round((busypoll.window() if busypoll.window() is not None
+                                       else self.config.busy_poll) * 1e6, 3),
                 "profiles": sorted(self.config.profiles), "event_head": self.store.event_head()}
 
     # -- tasks ---------------------------------------------------------------

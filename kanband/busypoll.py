@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 DEFAULT_WINDOW = 100e-6
-MAX_WINDOW = 0.01  # past this, polling costs more than any wake-up it saves
 
 _selector: "BusyPollSelector | None" = None
 
@@ -70,6 +69,11 @@ def set_window(window: float) -> None:
     """A reloaded `busy_poll`."""
     if _selector is not None:
         _selector.window = window
+
+
+def window() -> float | None:
+    """The window the loop polls for now; None without a busy-poll loop."""
+    return None if _selector is None else _selector.window
 
 
 def arm() -> None:

@@ -133,6 +133,8 @@ def _mode(v: Any, key: str) -> int:
     raise InvalidArgument(f"{key}: expected an octal mode like \"0600\" or \"0660\", got {show(v)}")
 
 
+BUSY_POLL_MAX = 0.01  # past this, polling costs more CPU than any wake-up it saves
+
 _DAEMON_KEYS = {
     "max_workers": lambda v, k: _int(v, k, 1),
     "claim_ttl": lambda v, k: parse_duration(v, k) or _zero(k),
@@ -147,7 +149,7 @@ _DAEMON_KEYS = {
     "socket_mode": _mode,
     "socket_group": _str,
     "log_format": lambda v, k: _choice(v, k, ("auto", "json", "console", "journal")),
-    "busy_poll": lambda v, k: _at_most(parse_duration(v, k), k, 0.01, "10ms"),
+    "busy_poll": lambda v, k: _at_most(parse_duration(v, k), k, BUSY_POLL_MAX, "10ms"),
 }
 
 

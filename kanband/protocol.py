@@ -125,10 +125,18 @@ class Client:
         assert self._sock is not None
         try:
             self._sock.sendall(data)
-        except TimeoutError:
-            raise TimedOut(f"timed out sending {what}") from None
-        except OSError as e:
+        except (TimeoutError, OSError) as e:
+            # Part of a frame may have gone out: that connection cannot carry
+            # another request. The next call connects afresh.
+            self._drop()
+            if isinstance(e, TimeoutError):
+                raise TimedOut(f"timed out sending {what}") from None
             raise Unreachable(self.path, f"connection lost: {e.strerror or e}") from None
+
+    def _drop(self) -> None:
+        self.close()
+        self._unpacker = unpacker(64 * 1024 * 1024)
+        self._answers.clear()
 
     def send(self, method: str, params: dict[str, Any] | None = None) -> int:
         self._send_bytes(self._frame(method, params), method)

@@ -249,6 +249,7 @@ class Batch:
         self.writes = 0  # operations whose savepoint was released
         self.failed: str | None = None  # set when SQLite dropped the transaction
         self.single = single  # one request: its first write needs no savepoint
+        self.depth = 0  # savepoints open (writes nested in writes)
 
 
 class Store:
@@ -457,7 +458,9 @@ class Store:
             raise self._unwritable(b.failed)
         # The first write of a one-request batch has nothing before it to keep:
         # the transaction is its savepoint, and a failure rolls all of it back.
-        whole = b.single and not b.writes
+        # Not for a write nested in another (the outer one's work is before it).
+        whole = b.single and not b.writes and not b.depth
+        b.depth += 1
         try:
             if not self._db.in_transaction:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -471,11 +474,15 @@ class Store:
                 del self._pending[mark:]
                 del self._delta[dmark:]
                 if self._db.in_transaction:
-                    if whole:
-                        self._db.execute("ROLLBACK")
-                    else:
-                        self._db.execute("ROLLBACK TO op")
-                        self._db.execute("RELEASE op")
+                    try:
+                        if whole:
+                            self._db.execute("ROLLBACK")
+                        else:
+                            self._db.execute("ROLLBACK TO op")
+                            self._db.execute("RELEASE op")
+                    except sqlite3.Error as e:  # never commit what could not be undone
+                        b.failed = f"rollback failed: {e}"
+                        raise self._unwritable(b.failed) from None
                 elif b.writes:  # SQLite rolled the whole transaction back (I/O error)
                     b.failed = "the transaction was rolled back"
                 raise
@@ -483,6 +490,8 @@ class Store:
             if not self._db.in_transaction and b.writes:
                 b.failed = str(e)
             raise self._unwritable(e) from None
+        finally:
+            b.depth -= 1
         b.writes += 1
 
     @contextmanager

@@ -201,6 +201,71 @@ def test_one_request_batch_writes_without_a_savepoint_and_rolls_back_whole(store
     assert [e["task_id"] for e in store.events()] == [ok["id"], second["id"]]
 
 
+def test_one_request_batch_keeps_savepoints_for_nested_writes(store, db_path):
+    """A write nested in another write of a one-request batch still gets its own
+    savepoint: when it fails and the outer write goes on, the outer write's rows
+    before and after it commit together, and the nested one's do not."""
+    add_temp_trigger(store, """
+        CREATE TEMP TRIGGER poison AFTER INSERT ON main.events
+        WHEN NEW.kind = 'created'
+         AND (SELECT title FROM main.tasks WHERE id = NEW.task_id) = 'poison'
+        BEGIN SELECT RAISE(ABORT, 'poisoned'); END""")
+    with store.batch(single=True) as b:
+        with store._tx() as db:  # the outer write: a row of its own, then a nested write
+            db.execute("INSERT INTO meta(key, value) VALUES ('outer', 'before')")
+            with pytest.raises(sqlite3.IntegrityError, match="poisoned"):
+                create(store, "poison")
+            create(store, "outer-after")
+    assert b.failed is None
+    assert ro_titles(db_path) == ["outer-after"]
+    assert store.get_meta("outer") == "before"
+
+
+class FailingRollback:
+    """The store's connection, except that its first ROLLBACK statement fails."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.failed = False
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.startswith("ROLLBACK") and not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("disk I/O error (test)")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_a_write_that_cannot_be_undone_loses_the_batch(store, db_path, single):
+    """When rolling back a failed write itself fails, the batch must not commit
+    the failed write's half: it raises `unavailable` and nothing of it is kept,
+    whether the write had a savepoint (a batch of many) or not (a lone request)."""
+    add_temp_trigger(store, """
+        CREATE TEMP TRIGGER poison AFTER INSERT ON main.events
+        WHEN NEW.kind = 'created'
+         AND (SELECT title FROM main.tasks WHERE id = NEW.task_id) = 'poison'
+        BEGIN SELECT RAISE(ABORT, 'poisoned'); END""")
+    real = store._db
+    store._db = proxy = FailingRollback(real)
+    try:
+        with pytest.raises(Unavailable, match="rollback failed"):
+            with store.batch(single=single):
+                if not single:
+                    create(store, "before")
+                with pytest.raises(Unavailable, match="rollback failed"):
+                    create(store, "poison")
+    finally:
+        store._db = real
+    assert proxy.failed, "no ROLLBACK was attempted"
+    assert ro_titles(db_path) == []
+    assert store.rec.events == [] and store.counts_by_status() == {}
+    assert create(store, "after")["status"] == "ready"  # the store works on
+    assert ro_titles(db_path) == ["after"]
+
+
 def test_exception_escaping_the_batch_rolls_back_everything(store, db_path):
     """An exception out of the batch body loses the whole batch: no row, no event, no
     write counted; the store keeps working afterwards."""

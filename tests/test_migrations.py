@@ -12,7 +12,9 @@ def _v1_board(path):
             db.execute(stmt)
     db.execute(f"PRAGMA application_id={store.APPLICATION_ID}")
     db.execute("PRAGMA user_version=1")
-    db.execute("INSERT INTO tasks(id, title, status, created_at) VALUES ('t_0000abcd', 'old', 'ready', 1.0)")
+    # as kanband wrote it: a claim sets the task's started_at with its first run
+    db.execute("INSERT INTO tasks(id, title, status, created_at, started_at)"
+               " VALUES ('t_0000abcd', 'old', 'ready', 1.0, 1.0)")
     db.execute("INSERT INTO runs(id, task_id, claimer, started_at) VALUES ('r_0000abcd', 't_0000abcd', 'external:x', 1.0)")
     db.commit()
     db.close()
@@ -25,6 +27,7 @@ def test_v1_board_is_migrated_and_keeps_its_tasks(kanband_factory):
     k.start()
     assert k.task("t_0000abcd")["title"] == "old"
     assert k.call("task.runs", id="t_0000abcd")["runs"][0]["id"] == "r_0000abcd"
+    assert [r["id"] for r in k.call("task.show", id="t_0000abcd")["runs"]] == ["r_0000abcd"]
     k.stop()
     db = sqlite3.connect(k.home / "kanban.db")
     assert db.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION
@@ -58,7 +61,9 @@ def _v2_board_with_events(path):
                 db.execute(stmt)
     db.execute(f"PRAGMA application_id={store.APPLICATION_ID}")
     db.execute("PRAGMA user_version=2")
-    db.execute("INSERT INTO tasks(id, title, status, created_at) VALUES ('t_0000abcd', 'old', 'ready', 1.0)")
+    # as kanband wrote it: a claim sets the task's started_at with its first run
+    db.execute("INSERT INTO tasks(id, title, status, created_at, started_at)"
+               " VALUES ('t_0000abcd', 'old', 'ready', 1.0, 1.0)")
     for i in range(1, 8):
         db.execute("INSERT INTO events(task_id, kind, payload, created_at) VALUES (?, ?, ?, ?)",
                    ("t_0000abcd", "commented", f'{{"n": {i}}}', float(i)))

@@ -349,3 +349,49 @@ def test_client_that_closes_outright_is_let_go_with_requests_running(kd):
         c.sock.close()
     wait_for(lambda: sockets() <= held - 5, 15, "the daemon to let the closed connections go")
     ping_ok(kd)
+
+
+def test_client_drops_a_connection_a_send_failed_on(tmp_path):
+    """A request that could not be sent whole (the peer stopped reading, or went
+    away) leaves part of a frame on the connection: the client raises TimedOut or
+    Unreachable, drops that connection and its half-read state, and its next call
+    connects afresh."""
+    import threading
+
+    from kanband.protocol import Client, TimedOut, Unreachable
+    path = str(tmp_path / "s.sock")
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    held: list[_socket.socket] = []
+    accepted = threading.Event()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            held.append(conn)  # accept, never read
+            accepted.set()
+    threading.Thread(target=serve, daemon=True).start()
+    c = Client(path, timeout=0.5).connect()
+    try:
+        big = [("task.create", {"title": "x", "body": "y" * 100_000})] * 40  # 4 MB
+        with pytest.raises(TimedOut):
+            c.call_many(big)
+        assert c._sock is None and not c._answers
+        accepted.clear()
+        with pytest.raises(TimedOut):  # sent whole; its answer never comes
+            c.call("system.ping")
+        assert accepted.wait(5), "the next call did not connect afresh"
+        assert len(held) == 2
+        held[-1].close()  # the peer goes away
+        with pytest.raises((Unreachable, TimedOut)):
+            c.call_many(big)
+        assert c._sock is None
+    finally:
+        c.close()
+        srv.close()
+        for conn in held:
+            conn.close()
