@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import AbstractSet, Any, Callable
 
 from kanband import __version__, busypoll, context, gc, states, workspace
 from kanband.config import Config
@@ -106,7 +106,7 @@ class Board:
 
     # -- output ------------------------------------------------------------
     def task_out(self, task: dict[str, Any], slots: Slots | None = None,
-                 busy: set[str] | None = None) -> dict[str, Any]:
+                 busy: AbstractSet[str] | None = None) -> dict[str, Any]:
         t = dict(task)
         if t["workspace_path"] is None or t["workspace_kind"] == "worktree":
             t["workspace_path"] = workspace.path_str(task, self._workspaces)
@@ -127,7 +127,7 @@ class Board:
         return str(self.paths.workspaces)
 
     def waiting_reason(self, task: dict[str, Any], slots: Slots | None = None,
-                       busy: set[str] | None = None) -> str | None:
+                       busy: AbstractSet[str] | None = None) -> str | None:
         """Why a ready/todo task is not running (see dispatcher.waiting_reason)."""
         if self.supervisor is not None:
             return self.supervisor.waiting_reason(task, self.clock(), slots, busy)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import AbstractSet, Any, Callable
 
 from kanband.config import Config
 
@@ -46,7 +46,7 @@ class Slots:
 
 def waiting_reason(task: dict[str, Any], *, now: float, slots: Slots, paused: bool,
                    unfinished_parents: Callable[[str], list[str]],
-                   busy: set[str] | frozenset[str] = frozenset()) -> str | None:
+                   busy: AbstractSet[str] = frozenset()) -> str | None:
     """Why a ready/todo task is not running, in words an operator can act on."""
     status = task["status"]
     if status == "todo":

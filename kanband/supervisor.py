@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import AbstractSet, Any
 
 import structlog
 
@@ -43,13 +43,49 @@ INLINE_BODY_MAX = 64 * 1024
 STUCK_EVERY = 300.0  # ... before a dispatcher_stuck warning, at most this often
 
 
+class _Live(dict):  # type: ignore[type-arg]
+    """A dict that counts its changes: Supervisor.slots() and busy_tasks() are
+    cached on the counts of `workers` and `starting`, so asking them for every
+    task a request returns costs O(1), not O(live workers)."""
+
+    version = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.version += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def setdefault(self, *args: Any) -> Any:
+        self.version += 1
+        return super().setdefault(*args)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+
 class Supervisor:
     def __init__(self, store: Store, config: Config, paths: DaemonPaths) -> None:
         self.store = store
         self.config = config
         self.paths = paths
         self.host = socket.gethostname()
-        self.workers: dict[str, Worker] = {}  # run_id -> live worker
+        self.workers: dict[str, Worker] = _Live()  # run_id -> live worker
         self.reaper = Reaper(self._on_exit)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.paused = store.get_meta("paused") == "1"
@@ -61,7 +97,9 @@ class Supervisor:
         self._stuck_warned = 0.0
         self.unrecorded: dict[str, tuple[Worker, Any]] = {}  # outcomes the disk refused
         self._exits: list[Worker] = []  # exited this loop step, outcome not yet written
-        self.starting: dict[str, _Start] = {}  # claimed runs whose files are being prepared
+        self.starting: dict[str, _Start] = _Live()  # claimed runs whose files are being prepared
+        self._slots: tuple[Any, Slots] | None = None  # (change counts, slots) of the last count
+        self._busy: tuple[Any, frozenset[str]] | None = None
         self._to_record: list[_Start] = []  # started this loop step, pid not yet written
         self._pool: ThreadPoolExecutor | None = None
         store.before_write = self._flush_starts
@@ -119,13 +157,23 @@ class Supervisor:
             except Exception:
                 log.exception("dispatch_failed")
 
+    def _live_version(self) -> tuple[int, int]:
+        return self.workers.version, self.starting.version  # type: ignore[attr-defined]
+
     def slots(self) -> Slots:
-        s = Slots(self.config)
-        for w in self.workers.values():
-            s.take(w.profile.name)
-        for st in self.starting.values():
-            s.take(st.profile.name)
-        return s
+        """Live workers against the caps: a fresh copy (dispatch takes from it),
+        counted again only after a worker started or ended, or a reload."""
+        version = self._live_version()
+        cached = self._slots
+        if cached is None or cached[0] != version or cached[1].config is not self.config:
+            s = Slots(self.config)
+            for w in self.workers.values():
+                s.take(w.profile.name)
+            for st in self.starting.values():
+                s.take(st.profile.name)
+            self._slots = cached = (version, s)
+        s = cached[1]
+        return Slots(s.config, s.running, dict(s.by_profile))
 
     def info(self) -> dict[str, Any]:
         s = self.slots()
@@ -226,7 +274,7 @@ class Supervisor:
         return out
 
     def waiting_reason(self, task: dict[str, Any], now: float, slots: Slots | None = None,
-                       busy: set[str] | None = None) -> str | None:
+                       busy: AbstractSet[str] | None = None) -> str | None:
         return waiting_reason(task, now=now, slots=slots or self.slots(), paused=self.paused,
                               unfinished_parents=self.store.unfinished_parents,
                               busy=self.busy_tasks() if busy is None else busy)
@@ -662,12 +710,15 @@ class Supervisor:
         w.timers["exit_grace"] = self.loop.call_later(
             delay, lambda: self._bg(self.stop(w, "exit_grace")))
 
-    def busy_tasks(self) -> set[str]:
+    def busy_tasks(self) -> frozenset[str]:
         """Tasks that still have a live worker (e.g. one lingering in exit_grace),
-        or one being started."""
-        busy = {w.task_id for w in self.workers.values()}
-        busy.update(st.task["id"] for st in self.starting.values())
-        return busy
+        or one being started (counted again only after a change, as slots())."""
+        version = self._live_version()
+        if self._busy is None or self._busy[0] != version:
+            busy = {w.task_id for w in self.workers.values()}
+            busy.update(st.task["id"] for st in self.starting.values())
+            self._busy = (version, frozenset(busy))
+        return self._busy[1]
 
     def _run_active(self, w: Worker) -> bool:
         return self.store.get_run(w.run_id)["outcome"] is None

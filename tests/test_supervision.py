@@ -792,3 +792,31 @@ def test_two_claims_racing_for_a_worktree_task_get_one_whole_worktree(kd, home):
     assert len(list(ws.glob("f*.txt"))) == 400  # whole when the winner got it
     log = kd.call("task.log", id=tid)["text"]
     assert log.count("=== kanband: git worktree add") == 1, log
+
+
+def test_slot_counts_follow_workers_starting_and_ending(kanband_factory, tmp_path):
+    """With max_workers = 1, what dispatch and waiting_reason see of the live
+    workers (counted once per change, not per request) follows each start and
+    end: B waits for the slot while A runs, starts as soon as A ends, and C then
+    waits for B's slot in turn."""
+    k = kanband_factory('[daemon]\nmax_workers = 1\n')
+    gate = tmp_path / "go"
+
+    def gated(name: str) -> str:
+        return k.create(name, assignee="shell",
+                        body=f'while [ ! -e "{gate}-{name}" ]; do sleep 0.05; done')["id"]
+    a = gated("a")
+    k.wait_status(a, "running")
+    b = gated("b")
+    for _ in range(3):  # asked again and again: still the same answer
+        assert "max_workers" in k.task(b)["waiting_reason"]
+    assert "max_workers" in k.call("task.show", id=b)["task"]["waiting_reason"]
+    (tmp_path / "go-a").touch()
+    k.wait_status(a, "done")
+    k.wait_status(b, "running")
+    c = gated("c")
+    assert k.task(c)["status"] == "ready" and "max_workers" in k.task(c)["waiting_reason"]
+    (tmp_path / "go-b").touch()
+    (tmp_path / "go-c").touch()
+    k.wait_status(c, "done")
+    assert k.task(b)["status"] == "done"
