@@ -142,14 +142,15 @@ class Board:
     def status(self, p: Params, caller: Caller) -> dict[str, Any]:
         p.done()
         info = self.dispatch_info()
+        live_poll = busypoll.window()  # None in-process, without the daemon's loop
         return {"pid": os.getpid(), "version": __version__, "started_at": self.started_at,
                 "uptime_seconds": round(time.monotonic() - self.started_mono, 3),
                 "paths": self.paths.as_dict(), "config": self.config.source,
                 "counts": self.store.counts_by_status(), "paused": info["paused"],
                 "workers": info.get("workers", []), "running_workers": info["running"],
                 "max_workers": self.config.max_workers,
-                "busy_poll_us": round((busypoll.window() if busypoll.window() is not None
-                                       else self.config.busy_poll) * 1e6, 3),
+                "busy_poll_us": round((self.config.busy_poll if live_poll is None
+                                       else live_poll) * 1e6, 3),
                 "profiles": sorted(self.config.profiles), "event_head": self.store.event_head()}
 
     # -- tasks ---------------------------------------------------------------

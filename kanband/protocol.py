@@ -59,9 +59,9 @@ class Client:
         self.timeout = timeout
         self.token = token
         self._sock: _socket.socket | None = None
-        self._unpacker = unpacker(64 * 1024 * 1024)
         self._msgid = 0
         self._answers: dict[int, tuple[Any, Any]] = {}
+        self._new_stream()
         self.notifications: list[tuple[str, Any]] = []
 
     def connect(self) -> "Client":
@@ -133,10 +133,14 @@ class Client:
                 raise TimedOut(f"timed out sending {what}") from None
             raise Unreachable(self.path, f"connection lost: {e.strerror or e}") from None
 
-    def _drop(self) -> None:
-        self.close()
+    def _new_stream(self) -> None:
+        """Nothing read yet: a fresh decoder, no answers waiting."""
         self._unpacker = unpacker(64 * 1024 * 1024)
         self._answers.clear()
+
+    def _drop(self) -> None:
+        self.close()
+        self._new_stream()
 
     def send(self, method: str, params: dict[str, Any] | None = None) -> int:
         self._send_bytes(self._frame(method, params), method)
