@@ -26,6 +26,10 @@ from kanband.errors import KanbanError, from_wire
 
 REQUEST, RESPONSE, NOTIFY = 0, 1, 2
 MAX_BUFFER = 8 * 1024 * 1024  # per-connection cap on buffered, unparsed input
+# How long a Client polls for an answer before it sleeps in recv (seconds). A
+# sleeping client is woken by the daemon's send, which on a VM can cost as much
+# as the request itself, on both sides; see Client.busy_poll.
+CLIENT_BUSY_POLL = 200e-6
 
 
 def pack(obj: Any) -> bytes:
@@ -51,13 +55,24 @@ class TimedOut(Exception):
 
 
 class Client:
-    """A blocking client: one socket, requests pipelined, answers matched by msgid."""
+    """A blocking client: one socket, requests pipelined, answers matched by msgid.
+
+    `busy_poll` (seconds, default CLIENT_BUSY_POLL): while waiting for input,
+    poll the socket without sleeping for up to this long first, yielding the
+    CPU between polls. Most answers come within it, and the daemon's send then
+    wakes nobody. 0 turns it off; it is always off when this process may run
+    on one CPU only, where polling could only delay the daemon."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, busy_poll: float | None = None) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
         self.token = token
+        if busy_poll is None:
+            busy_poll = CLIENT_BUSY_POLL
+        if busy_poll < 0:
+            raise ValueError("busy_poll must be >= 0")
+        self.busy_poll = busy_poll if busy_poll and len(os.sched_getaffinity(0)) > 1 else 0.0
         self._sock: _socket.socket | None = None
         self._msgid = 0
         self._answers: dict[int, tuple[Any, Any]] = {}
@@ -190,9 +205,19 @@ class Client:
         for msg in self._unpacker:
             self._accept(msg)
             return
+        polling = self.busy_poll > 0
+        end = time.perf_counter() + self.busy_poll if polling else 0.0
         while True:
             try:
-                data = self._sock.recv(256 * 1024)
+                if polling:
+                    data = self._read_now()
+                    if data is None:  # nothing yet: poll again, or sleep in recv
+                        polling = time.perf_counter() < end
+                        if polling:
+                            os.sched_yield()
+                        continue
+                else:
+                    data = self._sock.recv(256 * 1024)
             except TimeoutError:
                 raise TimedOut("timed out waiting for kanband to answer") from None
             except OSError as e:
@@ -206,6 +231,20 @@ class Client:
                 got = True
             if got:
                 return
+
+    def _read_now(self) -> bytes | None:
+        """What the socket holds now, without waiting; None if nothing. A socket
+        with a timeout polls before it reads, even with MSG_DONTWAIT; but its
+        descriptor is non-blocking, so os.read on it returns at once. Without a
+        timeout the descriptor blocks, and recv's MSG_DONTWAIT does it."""
+        sock = self._sock
+        assert sock is not None
+        try:
+            if sock.gettimeout() is None:
+                return sock.recv(256 * 1024, _socket.MSG_DONTWAIT)
+            return os.read(sock.fileno(), 256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return None
 
     def _accept(self, msg: Any) -> None:
         if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:

@@ -181,3 +181,163 @@ def test_daemon_spins_between_calls_only_when_configured(kanband_factory):
     spin.write_config('[daemon]\nbusy_poll = "50us"\n')
     assert spin.ctl("reload").returncode == 0
     assert spin.call("daemon.status")["busy_poll_us"] == 50
+
+
+# -- the client's side (protocol.Client.busy_poll) ------------------------------------
+class _Peer:
+    """A stand-in daemon on a real Unix socket: it accepts one connection, reads
+    one request and answers it as told, recording when its answer went out."""
+
+    def __init__(self, path: str, answer: Any) -> None:
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(1)
+        self.answer = answer  # (conn, msgid) -> None
+        self.sent = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import msgpack
+        conn, _ = self.srv.accept()
+        with conn:
+            u = msgpack.Unpacker(raw=False)
+            while True:
+                u.feed(conn.recv(65536))
+                for req in u:
+                    self.answer(conn, req[1])
+                    self.sent.set()
+                    conn.recv(1)  # hold the connection until the client closes it
+                    return
+
+    def close(self) -> None:
+        self.srv.close()
+        self.thread.join(10)
+
+
+def _reply(msgid: int, result: Any = "pong") -> bytes:
+    return pack([1, msgid, None, result])
+
+
+def _counting(c: Any, peer: _Peer) -> list[tuple[bool, bool]]:
+    """Wrap c._read_now: one (peer had answered, the poll found data) per poll."""
+    polls: list[tuple[bool, bool]] = []
+    read_now = c._read_now
+
+    def counted() -> Any:
+        answered = peer.sent.is_set()
+        data = read_now()
+        polls.append((answered, data is not None))
+        return data
+    c._read_now = counted
+    return polls
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_client_polls_for_an_answer_that_comes_within_its_window(tmp_path, timeout):
+    """With a window longer than the answer takes, the client keeps polling and it
+    is a poll, not a sleeping recv, that reads the answer. Both socket modes: with
+    a timeout (the descriptor is non-blocking, os.read) and without (recv with
+    MSG_DONTWAIT on a blocking descriptor)."""
+    from kanband.protocol import Client
+    path = str(tmp_path / "s.sock")
+    peer = _Peer(path, lambda conn, msgid: (time.sleep(0.05), conn.sendall(_reply(msgid))))
+    c = Client(path, timeout=timeout, busy_poll=5.0).connect()
+    try:
+        polls = _counting(c, peer)
+        assert c.call("system.ping") == "pong"
+        assert len(polls) > 1, "the client did not poll while it waited"
+        assert polls[-1] == (True, True), "a sleeping recv read the answer, not a poll"
+        assert not any(found for _, found in polls[:-1])
+    finally:
+        c.close()
+        peer.close()
+
+
+def test_client_polls_only_for_its_window_then_sleeps(tmp_path):
+    """An answer that comes long after the window is read by the blocking recv:
+    every poll happened before the peer answered."""
+    from kanband.protocol import Client
+    path = str(tmp_path / "s.sock")
+    peer = _Peer(path, lambda conn, msgid: (time.sleep(1.0), conn.sendall(_reply(msgid))))
+    c = Client(path, timeout=30, busy_poll=0.02).connect()
+    try:
+        polls = _counting(c, peer)
+        assert c.call("system.ping") == "pong"
+        assert polls, "the client did not poll at all"
+        assert all(not answered and not found for answered, found in polls), \
+            "the client went on polling after its window"
+    finally:
+        c.close()
+        peer.close()
+
+
+def test_client_without_a_window_never_polls(tmp_path):
+    from kanband.protocol import Client
+    path = str(tmp_path / "s.sock")
+    peer = _Peer(path, lambda conn, msgid: conn.sendall(_reply(msgid)))
+    c = Client(path, timeout=30, busy_poll=0).connect()
+    try:
+        polls = _counting(c, peer)
+        assert c.call("system.ping") == "pong"
+        assert polls == []
+    finally:
+        c.close()
+        peer.close()
+
+
+def test_client_poll_joins_an_answer_split_across_writes(tmp_path):
+    from kanband.protocol import Client
+    path = str(tmp_path / "s.sock")
+
+    def halves(conn: socket.socket, msgid: int) -> None:
+        frame = _reply(msgid, {"text": "x" * 1000})
+        conn.sendall(frame[:500])
+        time.sleep(0.05)
+        conn.sendall(frame[500:])
+    peer = _Peer(path, halves)
+    c = Client(path, timeout=30, busy_poll=5.0).connect()
+    try:
+        polls = _counting(c, peer)
+        assert c.call("system.ping") == {"text": "x" * 1000}
+        assert sum(found for _, found in polls) == 2  # both halves were read by polls
+    finally:
+        c.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+def test_client_poll_reports_a_peer_that_went_away(tmp_path, timeout):
+    """The peer closes without answering while the client polls: Unreachable, as
+    from a sleeping read, not a wait for the window or the timeout."""
+    from kanband.protocol import Client, Unreachable
+    path = str(tmp_path / "s.sock")
+    peer = _Peer(path, lambda conn, msgid: (time.sleep(0.05), conn.shutdown(socket.SHUT_WR)))
+    c = Client(path, timeout=timeout, busy_poll=30.0).connect()
+    try:
+        with pytest.raises(Unreachable, match="closed the connection"):
+            c.call("system.ping")
+    finally:
+        c.close()
+        peer.close()
+
+
+def test_client_window_default_bad_value_and_one_cpu():
+    """The default window applies on more than one CPU; on one CPU (where polling
+    could only keep the daemon from running) the client never polls; a negative
+    window is refused."""
+    import subprocess
+    import sys
+
+    from kanband.protocol import CLIENT_BUSY_POLL, Client
+    many = len(os.sched_getaffinity(0)) > 1
+    assert Client("/nonexistent").busy_poll == (CLIENT_BUSY_POLL if many else 0.0)
+    assert CLIENT_BUSY_POLL > 0
+    one_cpu = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+               "from kanband.protocol import Client; "
+               "print(Client('/x').busy_poll, Client('/x', busy_poll=1.0).busy_poll)")
+    out = subprocess.run([sys.executable, "-c", one_cpu], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["0.0", "0.0"]
+    with pytest.raises(ValueError, match="busy_poll"):
+        Client("/x", busy_poll=-1)
