@@ -763,3 +763,29 @@ def test_batch_whose_transaction_vanished_reports_its_writes_lost(store, db_path
     assert store.list_tasks() == []
     t, _ = store.create_task({"title": "fine"}, [], triage=False, now=3.0)
     assert [x["id"] for x in store.list_tasks()] == [t["id"]]
+
+
+def test_taken_task_and_run_ids_are_drawn_again(store, monkeypatch):
+    """Ids are 32 random bits, so a large board meets taken ones: create_task and
+    claim draw again instead of failing (a claim used to raise IntegrityError out
+    of the dispatch pass)."""
+    import kanband.store as store_mod
+    first = create(store, "first")
+    token = "h" * 64
+    run = store.claim(first["id"], claimer="me", profile=None, lease_ttl=None,
+                      token_hash=token, now=time.time())
+    drawn: list[str] = []
+    queue = {"t_": [first["id"], first["id"], "t_00000001"], "r_": [run["id"], "r_00000002"]}
+
+    def fake_new_id(prefix: str) -> str:
+        drawn.append(prefix)
+        return queue[prefix].pop(0)
+    monkeypatch.setattr(store_mod, "new_id", fake_new_id)
+    second = create(store, "second")
+    assert second["id"] == "t_00000001"
+    run2 = store.claim(second["id"], claimer="me", profile=None, lease_ttl=None,
+                       token_hash="i" * 64, now=time.time())
+    assert run2["id"] == "r_00000002"
+    assert drawn == ["t_", "t_", "t_", "r_", "r_"]
+    assert store.get_task(second["id"])["status"] == "running"
+    assert [r["id"] for r in store.runs(first["id"])] == [run["id"]]
