@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.config_arg = args.config
     ready_fd = os.environ.pop("KANBAN_READY_FD", None)
     daemon.ready_pipe = int(ready_fd) if ready_fd and ready_fd.isdigit() else None
+    reaper.freeze_env()  # the environment is final: children get this one
     try:
         daemon.prepare()
     except AlreadyRunning as e:

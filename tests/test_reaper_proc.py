@@ -102,3 +102,27 @@ def test_helper_argv_restores_the_limit_and_fails_like_popen(monkeypatch):
     assert subprocess.run(argv, capture_output=True, text=True).stdout.strip() == str(low)
     with pytest.raises(FileNotFoundError):
         reaper.helper_argv(["no-such-command-kb"], env)
+
+
+def test_frozen_environment_is_the_base_of_every_child(monkeypatch):
+    """freeze_env (called by kanband at start-up) fixes the base environment of
+    children: later changes to os.environ do not reach them, systemd's and
+    kanband's own variables stay out, `extra` is merged, and every call returns
+    a new dict. Unfrozen, child_env reads os.environ as it is."""
+    from kanband import reaper
+    monkeypatch.setattr(reaper, "_frozen_env", None)
+    monkeypatch.setenv("KB_FROZEN_TEST", "before")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/x.sock")
+    monkeypatch.setenv("KANBAN_READY_FD", "9")
+    assert reaper.child_env()["KB_FROZEN_TEST"] == "before"
+    reaper.freeze_env()
+    monkeypatch.setenv("KB_FROZEN_TEST", "after")
+    monkeypatch.setenv("KB_FROZEN_LATE", "late")
+    env = reaper.child_env({"KANBAN_TASK_ID": "t_1"})
+    assert env["KB_FROZEN_TEST"] == "before" and "KB_FROZEN_LATE" not in env
+    assert "NOTIFY_SOCKET" not in env and "KANBAN_READY_FD" not in env
+    assert env["KANBAN_TASK_ID"] == "t_1"
+    env["KB_MUTATED"] = "x"
+    assert "KB_MUTATED" not in reaper.child_env() and "KANBAN_TASK_ID" not in reaper.child_env()
+    monkeypatch.setattr(reaper, "_frozen_env", None)
+    assert reaper.child_env()["KB_FROZEN_TEST"] == "after"

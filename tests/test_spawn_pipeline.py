@@ -396,3 +396,18 @@ def test_quick_exits_each_get_exactly_one_outcome_and_a_failure_stays_its_own(
     assert st["counts"] == {"done": 30, "ready": 1}
     dpid = daemon_pid(k)
     wait_for(lambda: not zombies_under(dpid), 10, "no zombie under kanband")
+
+
+def test_a_deleted_logs_directory_is_made_again_at_the_next_start(kanband_factory, home):
+    """The task log is opened without making its directory first; if an operator
+    removed <home>/logs, the next start makes it again and the run is logged."""
+    import shutil
+    k = kanband_factory(toml(BASE))
+    first = k.create("before", assignee="shell", body="echo first-7c1")["id"]
+    k.wait_status(first, "done")
+    shutil.rmtree(k.home / "logs")
+    tid = k.create("after", assignee="shell", body="echo second-7c1")["id"]
+    k.wait_status(tid, "done")
+    assert [r["outcome"] for r in runs_of(k, tid)] == ["completed"]
+    assert "second-7c1" in (k.home / "logs" / f"{tid}.log").read_text()
+    assert "second-7c1" in k.call("task.log", id=tid)["text"]
