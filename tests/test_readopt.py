@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import events_of, kinds_of, wait_for
@@ -198,8 +199,12 @@ def test_pid_reuse_is_not_adopted_nor_killed(kanband_factory):
     tid = k.create("pid reuse", assignee="fake")["id"]
     pid, shim = worker_pids(k, tid)
     run_id = k.task(tid)["current_run_id"]
+    running_by = time.time()  # the worker has started by now
     kill_tree_while_down(k, pid, shim)
-    # an unrelated process, leading its own group, takes over the recorded pid
+    # An unrelated process, leading its own group, takes over the recorded pid. A
+    # real reuse comes long after the worker's start: same_process accepts start
+    # times 50 ms apart (clock-tick rounding), so the stranger must start later.
+    wait_for(lambda: time.time() > running_by + 0.2, 5, "0.2 s past the worker's start")
     stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
         db = sqlite3.connect(k.home / "kanban.db")
