@@ -54,14 +54,22 @@ class TimedOut(Exception):
     pass
 
 
+def _cpus() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Client:
     """A blocking client: one socket, requests pipelined, answers matched by msgid.
 
     `busy_poll` (seconds, default CLIENT_BUSY_POLL): while waiting for input,
-    poll the socket without sleeping for up to this long first, yielding the
-    CPU between polls. Most answers come within it, and the daemon's send then
-    wakes nobody. 0 turns it off; it is always off when this process may run
-    on one CPU only, where polling could only delay the daemon."""
+    poll the socket without sleeping for up to this long first (never longer
+    than the timeout), yielding the CPU between polls. Most answers come within
+    it, and the daemon's send then wakes nobody. 0 turns it off; it is always
+    off when this process may run on one CPU only (its affinity mask, or the
+    machine), where polling could only delay the daemon."""
 
     def __init__(self, path: str | os.PathLike[str], timeout: float | None = None,
                  token: str | None = None, busy_poll: float | None = None) -> None:
@@ -72,7 +80,7 @@ class Client:
             busy_poll = CLIENT_BUSY_POLL
         if busy_poll < 0:
             raise ValueError("busy_poll must be >= 0")
-        self.busy_poll = busy_poll if busy_poll and len(os.sched_getaffinity(0)) > 1 else 0.0
+        self.busy_poll = busy_poll if busy_poll and _cpus() > 1 else 0.0
         self._sock: _socket.socket | None = None
         self._msgid = 0
         self._answers: dict[int, tuple[Any, Any]] = {}
@@ -205,8 +213,12 @@ class Client:
         for msg in self._unpacker:
             self._accept(msg)
             return
-        polling = self.busy_poll > 0
-        end = time.perf_counter() + self.busy_poll if polling else 0.0
+        window = self.busy_poll
+        timeout = self._sock.gettimeout()
+        if timeout is not None:
+            window = min(window, timeout)  # 0 for a non-blocking socket: no poll
+        polling = window > 0
+        end = time.perf_counter() + window if polling else 0.0
         while True:
             try:
                 if polling:
@@ -238,7 +250,8 @@ class Client:
         descriptor is non-blocking, so os.read on it returns at once. Without a
         timeout the descriptor blocks, and recv's MSG_DONTWAIT does it."""
         sock = self._sock
-        assert sock is not None
+        if sock is None:  # closed by another thread meanwhile
+            raise Unreachable(self.path, "the client was closed")
         try:
             if sock.gettimeout() is None:
                 return sock.recv(256 * 1024, _socket.MSG_DONTWAIT)

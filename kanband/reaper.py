@@ -346,7 +346,7 @@ class Reaper:
         try:
             fd = os.open(log_path, flags, 0o600)
         except FileNotFoundError:  # the logs directory went away: make it again
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(log_path, flags, 0o600)
         try:
             if header:

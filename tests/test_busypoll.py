@@ -186,29 +186,38 @@ def test_daemon_spins_between_calls_only_when_configured(kanband_factory):
 # -- the client's side (protocol.Client.busy_poll) ------------------------------------
 class _Peer:
     """A stand-in daemon on a real Unix socket: it accepts one connection, reads
-    one request and answers it as told, recording when its answer went out."""
+    one request and answers it as told; the answer marks when it starts to send."""
 
     def __init__(self, path: str, answer: Any) -> None:
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.srv.bind(path)
         self.srv.listen(1)
-        self.answer = answer  # (conn, msgid) -> None
+        self.answer = answer  # (peer, conn, msgid) -> None; calls peer.sending() first
         self.sent = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
+
+    def sending(self) -> None:
+        """Called by an answer just before its first byte goes out."""
+        self.sent.set()
 
     def _serve(self) -> None:
         import msgpack
         conn, _ = self.srv.accept()
         with conn:
             u = msgpack.Unpacker(raw=False)
-            while True:
-                u.feed(conn.recv(65536))
-                for req in u:
-                    self.answer(conn, req[1])
-                    self.sent.set()
-                    conn.recv(1)  # hold the connection until the client closes it
-                    return
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    u.feed(data)
+                    for req in u:
+                        self.answer(self, conn, req[1])
+                        conn.recv(1)  # hold the connection until the client closes it
+                        return
+            except OSError:  # the client gave up and went away first
+                return
 
     def close(self) -> None:
         self.srv.close()
@@ -219,18 +228,22 @@ def _reply(msgid: int, result: Any = "pong") -> bytes:
     return pack([1, msgid, None, result])
 
 
-def _counting(c: Any, peer: _Peer) -> list[tuple[bool, bool]]:
-    """Wrap c._read_now: one (peer had answered, the poll found data) per poll."""
-    polls: list[tuple[bool, bool]] = []
+def _counting(c: Any, peer: _Peer) -> list[tuple[bool, Any]]:
+    """Wrap c._read_now: one (peer had started answering when the poll returned,
+    what the poll read: None for nothing) per poll."""
+    polls: list[tuple[bool, Any]] = []
     read_now = c._read_now
 
     def counted() -> Any:
-        answered = peer.sent.is_set()
         data = read_now()
-        polls.append((answered, data is not None))
+        polls.append((peer.sent.is_set(), data))
         return data
     c._read_now = counted
     return polls
+
+
+def _found(polls: list[tuple[bool, Any]]) -> list[bool]:
+    return [data is not None for _, data in polls]
 
 
 @pytest.mark.parametrize("timeout", [None, 30.0])
@@ -241,14 +254,17 @@ def test_client_polls_for_an_answer_that_comes_within_its_window(tmp_path, timeo
     MSG_DONTWAIT on a blocking descriptor)."""
     from kanband.protocol import Client
     path = str(tmp_path / "s.sock")
-    peer = _Peer(path, lambda conn, msgid: (time.sleep(0.05), conn.sendall(_reply(msgid))))
+    peer = _Peer(path, lambda p, conn, msgid: (time.sleep(0.05), p.sending(),
+                                                conn.sendall(_reply(msgid))))
     c = Client(path, timeout=timeout, busy_poll=5.0).connect()
     try:
         polls = _counting(c, peer)
         assert c.call("system.ping") == "pong"
         assert len(polls) > 1, "the client did not poll while it waited"
-        assert polls[-1] == (True, True), "a sleeping recv read the answer, not a poll"
-        assert not any(found for _, found in polls[:-1])
+        found = _found(polls)
+        # the read that completed the answer was a poll: no sleeping recv ran
+        assert found[-1], "a sleeping recv read the answer, not a poll"
+        assert not any(found[:-1])
     finally:
         c.close()
         peer.close()
@@ -259,13 +275,15 @@ def test_client_polls_only_for_its_window_then_sleeps(tmp_path):
     every poll happened before the peer answered."""
     from kanband.protocol import Client
     path = str(tmp_path / "s.sock")
-    peer = _Peer(path, lambda conn, msgid: (time.sleep(1.0), conn.sendall(_reply(msgid))))
+    peer = _Peer(path, lambda p, conn, msgid: (time.sleep(1.0), p.sending(),
+                                                conn.sendall(_reply(msgid))))
     c = Client(path, timeout=30, busy_poll=0.02).connect()
     try:
         polls = _counting(c, peer)
         assert c.call("system.ping") == "pong"
         assert polls, "the client did not poll at all"
-        assert all(not answered and not found for answered, found in polls), \
+        # every poll returned before the peer even began to answer
+        assert all(not answered and data is None for answered, data in polls), \
             "the client went on polling after its window"
     finally:
         c.close()
@@ -275,7 +293,7 @@ def test_client_polls_only_for_its_window_then_sleeps(tmp_path):
 def test_client_without_a_window_never_polls(tmp_path):
     from kanband.protocol import Client
     path = str(tmp_path / "s.sock")
-    peer = _Peer(path, lambda conn, msgid: conn.sendall(_reply(msgid)))
+    peer = _Peer(path, lambda p, conn, msgid: conn.sendall(_reply(msgid)))
     c = Client(path, timeout=30, busy_poll=0).connect()
     try:
         polls = _counting(c, peer)
@@ -290,8 +308,9 @@ def test_client_poll_joins_an_answer_split_across_writes(tmp_path):
     from kanband.protocol import Client
     path = str(tmp_path / "s.sock")
 
-    def halves(conn: socket.socket, msgid: int) -> None:
+    def halves(p: _Peer, conn: socket.socket, msgid: int) -> None:
         frame = _reply(msgid, {"text": "x" * 1000})
+        p.sending()
         conn.sendall(frame[:500])
         time.sleep(0.05)
         conn.sendall(frame[500:])
@@ -300,7 +319,10 @@ def test_client_poll_joins_an_answer_split_across_writes(tmp_path):
     try:
         polls = _counting(c, peer)
         assert c.call("system.ping") == {"text": "x" * 1000}
-        assert sum(found for _, found in polls) == 2  # both halves were read by polls
+        found = _found(polls)
+        # polls read it all (two reads, or one if the halves merged while the
+        # client was off its CPU), the last of them completing the answer
+        assert found[-1] and sum(found) in (1, 2), found
     finally:
         c.close()
         peer.close()
@@ -312,11 +334,14 @@ def test_client_poll_reports_a_peer_that_went_away(tmp_path, timeout):
     from a sleeping read, not a wait for the window or the timeout."""
     from kanband.protocol import Client, Unreachable
     path = str(tmp_path / "s.sock")
-    peer = _Peer(path, lambda conn, msgid: (time.sleep(0.05), conn.shutdown(socket.SHUT_WR)))
+    peer = _Peer(path, lambda p, conn, msgid: (time.sleep(0.05), p.sending(),
+                                                conn.shutdown(socket.SHUT_WR)))
     c = Client(path, timeout=timeout, busy_poll=30.0).connect()
     try:
+        polls = _counting(c, peer)
         with pytest.raises(Unreachable, match="closed the connection"):
             c.call("system.ping")
+        assert polls and polls[-1][1] == b"", "a poll did not see the end of the stream"
     finally:
         c.close()
         peer.close()
@@ -341,3 +366,24 @@ def test_client_window_default_bad_value_and_one_cpu():
     assert out == ["0.0", "0.0"]
     with pytest.raises(ValueError, match="busy_poll"):
         Client("/x", busy_poll=-1)
+
+
+def test_client_window_never_outlasts_the_timeout(tmp_path):
+    """A timeout shorter than the window caps it: the call times out after about
+    the timeout, not after the 5 s window."""
+    from kanband.protocol import Client, TimedOut
+    path = str(tmp_path / "s.sock")
+    peer = _Peer(path, lambda p, conn, msgid: (time.sleep(1.5), p.sending(),
+                                                conn.sendall(_reply(msgid))))
+    c = Client(path, timeout=0.05, busy_poll=5.0).connect()
+    try:
+        polls = _counting(c, peer)
+        t = time.monotonic()
+        with pytest.raises(TimedOut):
+            c.call("system.ping")
+        took = time.monotonic() - t
+        assert polls, "the client did not poll at all"
+        assert took < 1.0, f"the call took {took:.2f}s: the 5 s window ignored the 0.05 s timeout"
+    finally:
+        c.close()
+        peer.close()
