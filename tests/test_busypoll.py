@@ -228,6 +228,15 @@ def _reply(msgid: int, result: Any = "pong") -> bytes:
     return pack([1, msgid, None, result])
 
 
+def _late(delay: float) -> Any:
+    """An answer: "pong", sent `delay` seconds after the request came."""
+    def answer(p: _Peer, conn: socket.socket, msgid: int) -> None:
+        time.sleep(delay)
+        p.sending()
+        conn.sendall(_reply(msgid))
+    return answer
+
+
 def _counting(c: Any, peer: _Peer) -> list[tuple[bool, Any]]:
     """Wrap c._read_now: one (peer had started answering when the poll returned,
     what the poll read: None for nothing) per poll."""
@@ -254,8 +263,7 @@ def test_client_polls_for_an_answer_that_comes_within_its_window(tmp_path, timeo
     MSG_DONTWAIT on a blocking descriptor)."""
     from kanband.protocol import Client
     path = str(tmp_path / "s.sock")
-    peer = _Peer(path, lambda p, conn, msgid: (time.sleep(0.05), p.sending(),
-                                                conn.sendall(_reply(msgid))))
+    peer = _Peer(path, _late(0.05))
     c = Client(path, timeout=timeout, busy_poll=5.0).connect()
     try:
         polls = _counting(c, peer)
@@ -275,8 +283,7 @@ def test_client_polls_only_for_its_window_then_sleeps(tmp_path):
     every poll happened before the peer answered."""
     from kanband.protocol import Client
     path = str(tmp_path / "s.sock")
-    peer = _Peer(path, lambda p, conn, msgid: (time.sleep(1.0), p.sending(),
-                                                conn.sendall(_reply(msgid))))
+    peer = _Peer(path, _late(1.0))
     c = Client(path, timeout=30, busy_poll=0.02).connect()
     try:
         polls = _counting(c, peer)
@@ -373,8 +380,7 @@ def test_client_window_never_outlasts_the_timeout(tmp_path):
     the timeout, not after the 5 s window."""
     from kanband.protocol import Client, TimedOut
     path = str(tmp_path / "s.sock")
-    peer = _Peer(path, lambda p, conn, msgid: (time.sleep(1.5), p.sending(),
-                                                conn.sendall(_reply(msgid))))
+    peer = _Peer(path, _late(1.5))
     c = Client(path, timeout=0.05, busy_poll=5.0).connect()
     try:
         polls = _counting(c, peer)
