@@ -126,3 +126,52 @@ def test_frozen_environment_is_the_base_of_every_child(monkeypatch):
     assert "KB_MUTATED" not in reaper.child_env() and "KANBAN_TASK_ID" not in reaper.child_env()
     monkeypatch.setattr(reaper, "_frozen_env", None)
     assert reaper.child_env()["KB_FROZEN_TEST"] == "after"
+
+
+def test_kill_turns_spread_a_burst_over_loop_steps():
+    """Kills started together take at most KILL_TURNS turns per loop step (so the
+    loop answers requests between them), in the order they asked, none lost; a
+    cancelled waiter gives its place up; an uncontended turn does not yield."""
+    import asyncio
+
+    from kanband import reaper as reaper_mod
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        r = Reaper(on_exit=lambda w: None)
+        r.loop = loop
+        step = 0
+        ticking = True
+
+        def tick() -> None:  # runs once per loop step
+            nonlocal step
+            step += 1
+            if ticking:
+                loop.call_soon(tick)
+        loop.call_soon(tick)
+        await asyncio.sleep(0)
+
+        before = step
+        await r._turn()
+        assert step == before, "an uncontended turn yielded to the loop"
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the turns of that step are over
+
+        passed: list[tuple[int, int]] = []
+
+        async def kill(i: int) -> None:
+            await r._turn()
+            passed.append((i, step))
+        n = 5 * reaper_mod.KILL_TURNS
+        tasks = [asyncio.ensure_future(kill(i)) for i in range(n)]
+        tasks[3].cancel()  # early in line; the others must not wait for it
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        order = [i for i, _ in passed]
+        assert order == [i for i in range(n) if i != 3]
+        per_step: dict[int, int] = {}
+        for _, s in passed:
+            per_step[s] = per_step.get(s, 0) + 1
+        assert max(per_step.values()) <= reaper_mod.KILL_TURNS, per_step
+        assert len(per_step) >= 5, per_step
+        ticking = False
+    asyncio.run(main())
