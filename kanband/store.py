@@ -208,6 +208,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{_ids.getrandbits(32):08x}"
 
 
+def _insert_new_id(prefix: str, column: str, insert: Callable[[str], object]) -> str:
+    """Run `insert(id)` with a fresh id, drawing again while `column` (e.g.
+    "tasks.id") says the id is taken -- ids are 32 random bits, and a large
+    board meets taken ones. Any other IntegrityError is the caller's."""
+    for _ in range(8):
+        new = new_id(prefix)
+        try:
+            insert(new)
+            return new
+        except sqlite3.IntegrityError as e:
+            if column not in str(e):
+                raise
+    raise Conflict(f"could not allocate an id for {column}")  # pragma: no cover - 8 in a row
+
+
 def _first_line(text: str | None, limit: int = 400) -> str | None:
     if not text:
         return text
@@ -940,22 +955,16 @@ class Store:
             assert states.allowed("create", states.NEW, status)
             row = {**fields, "status": status, "created_at": now,
                    "skills": json.dumps(fields["skills"]) if fields.get("skills") else "[]"}
-            cols = ", ".join(row)
-            for _ in range(8):
-                task_id = new_id("t_")
-                try:
-                    db.execute(f"INSERT INTO tasks(id, {cols}) VALUES (?{', ?' * len(row)})",
-                               (task_id, *row.values()))
-                    break
-                except sqlite3.IntegrityError as e:
-                    if key is not None and "idempotency" in str(e):
-                        existing = self._by_idempotency_key(key)
-                        if existing:
-                            return existing, False
-                    if "tasks.id" not in str(e):
-                        raise
-            else:  # pragma: no cover - 8 id collisions in a row
-                raise Conflict("could not allocate a task id")
+            sql = f"INSERT INTO tasks(id, {', '.join(row)}) VALUES (?{', ?' * len(row)})"
+            try:
+                task_id = _insert_new_id("t_", "tasks.id",
+                                         lambda i: db.execute(sql, (i, *row.values())))
+            except sqlite3.IntegrityError as e:
+                if key is not None and "idempotency" in str(e):
+                    existing = self._by_idempotency_key(key)
+                    if existing:
+                        return existing, False
+                raise
             self._delta.append(((fields.get("assignee"), status), 1))
             for p in dict.fromkeys(parents):
                 db.execute("INSERT INTO task_links(parent_id, child_id) VALUES (?, ?)",
@@ -1064,19 +1073,10 @@ class Store:
             lease = now + lease_ttl if lease_ttl else None
             # The only place runs are made; it sets the task's started_at for good,
             # so a task without started_at has no runs (Board.show relies on it).
-            for _ in range(8):  # ids are 32 random bits: a large board meets taken ones
-                run_id = new_id("r_")
-                try:
-                    db.execute("INSERT INTO runs(id, task_id, profile, claimer, started_at,"
-                               " lease_expires, lease_ttl, token_hash) VALUES (?,?,?,?,?,?,?,?)",
-                               (run_id, task_id, profile, claimer, now, lease, lease_ttl,
-                                token_hash))
-                    break
-                except sqlite3.IntegrityError as e:
-                    if "runs.id" not in str(e):
-                        raise
-            else:  # pragma: no cover - 8 id collisions in a row
-                raise Conflict("could not allocate a run id")
+            run_id = _insert_new_id("r_", "runs.id", lambda i: db.execute(
+                "INSERT INTO runs(id, task_id, profile, claimer, started_at, lease_expires,"
+                " lease_ttl, token_hash) VALUES (?,?,?,?,?,?,?,?)",
+                (i, task_id, profile, claimer, now, lease, lease_ttl, token_hash)))
             self._move(task_id, "claim", states.RUNNING, now, {
                 "current_run_id": run_id,
                 "started_at": task["started_at"] if task["started_at"] is not None else now})
