@@ -24,8 +24,6 @@ import selectors
 import time
 from typing import Any
 
-DEFAULT_WINDOW = 100e-6
-
 _selector: "BusyPollSelector | None" = None
 
 
@@ -58,8 +56,9 @@ class BusyPollSelector(selectors.EpollSelector):
         return super().select(timeout)
 
 
-def new_loop(window: float = DEFAULT_WINDOW) -> asyncio.AbstractEventLoop:
-    """The daemon's event loop; `arm()` then busy-polls it for `window` seconds."""
+def new_loop(window: float) -> asyncio.AbstractEventLoop:
+    """The daemon's event loop; `arm()` then busy-polls it for `window` seconds
+    (`[daemon] busy_poll`, whose default is Config.busy_poll)."""
     global _selector
     _selector = BusyPollSelector(window)
     return asyncio.SelectorEventLoop(_selector)
