@@ -697,7 +697,37 @@ def cmd_daemon(ctx: Ctx) -> int:
 
 
 # -- parser -----------------------------------------------------------------------
+def _terminal_columns() -> int:
+    """What shutil.get_terminal_size() gives for the width ($COLUMNS, else
+    stdout's terminal, else 80), without importing shutil."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, sized as argparse sizes it. argparse builds one
+    for every add_argument, and its own imports shutil (and with it bz2 and
+    lzma) for the width: 3 ms of every kanbanctl call."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -748,7 +778,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="how long to wait for the daemon to answer (default 30)")
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     sub.required = True
-    js = argparse.ArgumentParser(add_help=False)
+    js = Parser(add_help=False)
     js.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     def verb(name: str, fn: Callable[[Ctx], int], help: str, aliases: tuple[str, ...] = ()) -> Any:
