@@ -435,6 +435,51 @@ def throughput(quick: bool) -> list[Row]:
         assert all(x == 0 for x in codes)
         return n / dt
 
+    def floor(files: bool) -> float:
+        """The same pool running kanband's worker command for each task -- the
+        built-in shell profile's shim, exit file and all -- and, with `files`,
+        first making the files a start makes (run directory, context file,
+        scratch workspace, task log with its header line, which becomes the
+        worker's output). What any daemon keeping kanband's worker and file
+        layout must pay per task before any bookkeeping of its own."""
+        from kanband.reaper import EXIT_FILE, SHELL_SHIM, SHELL_TEXT
+        base = h.new_root("kbfloor")
+        for sub in ("runs", "workspaces", "logs"):
+            (base / sub).mkdir()
+        if not files:  # only the worker's own work is timed
+            for i in range(n):
+                (base / "runs" / f"r_{i}").mkdir(mode=0o700)
+        env = {**os.environ, SHELL_TEXT: "true"}
+        context = "# task t_0\n" + "x" * 400 + "\n"
+
+        def one(i: int) -> int:
+            run = base / "runs" / f"r_{i}"
+            out: Any = subprocess.DEVNULL
+            cwd = base
+            if files:
+                run.mkdir(mode=0o700)
+                (run / "context.md").write_text(context)
+                cwd = base / "workspaces" / f"t_{i}"
+                cwd.mkdir(mode=0o700)
+                out = os.open(base / "logs" / f"t_{i}.log",
+                              os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                os.write(out, b"=== kanband: run r_0 (shell) started at 2026-01-01 00:00:00: true\n")
+            try:
+                return subprocess.run(["/bin/sh", "-c", SHELL_SHIM, "kanband-worker",
+                                       str(run / EXIT_FILE), ""], cwd=str(cwd), env=env,
+                                      stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True).returncode
+            finally:
+                if files:
+                    os.close(out)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            codes = list(pool.map(one, range(n)))
+        dt = time.perf_counter() - t
+        assert all(x == 0 for x in codes), codes[:5]
+        assert (base / "runs" / "r_0" / EXIT_FILE).read_text().strip() == "0"
+        return n / dt
+
     def kanband() -> float:
         d = Daemon(toml({"max_workers": workers, "kill_grace": "1s"})).start()
         try:
@@ -457,19 +502,32 @@ def throughput(quick: bool) -> list[Row]:
             return n / dt
         finally:
             d.stop()
+    w_rates: list[float] = []  # floor(files=False)
+    f_rates: list[float] = []  # floor(files=True)
     for i in range(rounds):
         if i % 2 == 0:
             b_rates.append(baseline())
             k_rates.append(kanband())
+            w_rates.append(floor(False))
+            f_rates.append(floor(True))
         else:
+            f_rates.append(floor(True))
+            w_rates.append(floor(False))
             k_rates.append(kanband())
             b_rates.append(baseline())
+    rounds_of = {"kanband_rounds": k_rates, "baseline_rounds": b_rates,
+                 "worker_floor_rounds": w_rates, "files_floor_rounds": f_rates}
     return [row("throughput", median(k_rates), "tasks/s", median(b_rates), ("ratio", ">=", 0.5),
-                {"kanband_rounds": [round(x, 1) for x in k_rates],
-                 "baseline_rounds": [round(x, 1) for x in b_rates], "kanband_runs": details,
-                 "tasks": n, "max_workers": workers},
+                {**{k: [round(x, 1) for x in v] for k, v in rounds_of.items()},
+                 "kanband_runs": details, "tasks": n, "max_workers": workers},
                 f"{n} `true` shell tasks, max_workers={workers}, create of the first -> all done; "
-                "baseline = ThreadPoolExecutor(16) of subprocess.run(['/bin/sh', script])")]
+                "baseline = ThreadPoolExecutor(16) of subprocess.run(['/bin/sh', script])"),
+            row("throughput.worker_floor", median(w_rates), "tasks/s", median(b_rates), None, {},
+                "information: the same pool running kanband's worker command (the shell "
+                "profile's exit-status shim) instead of `sh script`; no daemon"),
+            row("throughput.files_floor", median(f_rates), "tasks/s", median(b_rates), None, {},
+                "information: as worker_floor, each task first making the files a start "
+                "makes (run dir, context file, workspace, log); no daemon, no board")]
 
 
 def idle_1000(quick: bool) -> list[Row]:
