@@ -75,7 +75,8 @@ class Board:
             "paused": False, "running_by_profile": {}, "running": 0}
         self.supervisor: Any = None  # set by the daemon once supervision exists
         self._waiters: list[tuple[set[str], asyncio.Event]] = []
-        self._log_bytes_cache: tuple[float, int] | None = None
+        self._log_bytes_cache: tuple[float, int] | None = None  # (monotonic, bytes)
+        self._log_walk: "asyncio.Future[int] | None" = None
         self._gc_lock = asyncio.Lock()
         store.on_commit(self.events_committed)
 
@@ -417,8 +418,17 @@ class Board:
         return {"task_id": tid, "text": context.render(self.store, task, ws)}
 
     # -- board -------------------------------------------------------------
-    def stats(self, p: Params, caller: Caller) -> dict[str, Any]:
+    def stats(self, p: Params, caller: Caller) -> Any:
         p.done()
+        log_bytes = self._log_bytes()
+        if log_bytes is None:  # not measured yet: wait for the walk (off the loop)
+            return self._stats_after(self._walk_logs())
+        return self._stats(log_bytes)
+
+    async def _stats_after(self, walk: "asyncio.Future[int]") -> dict[str, Any]:
+        return self._stats(await asyncio.shield(walk))
+
+    def _stats(self, log_bytes: int) -> dict[str, Any]:
         now = self.clock()
         by_status = {s: 0 for s in states.STATUSES}
         by_status.update(self.store.counts_by_status())
@@ -430,16 +440,41 @@ class Board:
                 "running": by_status[states.RUNNING], "running_workers": info["running"],
                 "total": sum(by_status.values()), "events": self.store.event_count(),
                 "event_bytes": self.store.event_bytes(),
-                "log_bytes": self._log_bytes(),
+                "log_bytes": log_bytes,
                 "event_head": self.store.event_head(), "db_bytes": self.store.db_size_bytes()}
 
-    def _log_bytes(self, max_age: float = 30.0) -> int:
-        """Disk used by worker logs; walked at most every `max_age` seconds."""
+    def _log_bytes(self, max_age: float = 30.0) -> int | None:
+        """Disk used by worker logs as last measured (None: never, or gc ran
+        since). The logs are walked on a worker thread -- 100k of them take
+        about half a second -- and again once the figure is `max_age` seconds
+        old; until the new walk ends, the old figure stands."""
         cached = self._log_bytes_cache
-        now = time.monotonic()
-        if cached is None or now - cached[0] > max_age:
-            cached = self._log_bytes_cache = (now, gc.disk_usage(self.paths.logs))
-        return cached[1]
+        if cached is None or time.monotonic() - cached[0] > max_age:
+            self._walk_logs()
+        return None if cached is None else cached[1]
+
+    def _walk_logs(self) -> "asyncio.Future[int]":
+        """The walk in progress, or a new one. Its result becomes the figure
+        unless gc ran meanwhile (_forget_log_bytes)."""
+        walk = self._log_walk
+        if walk is None:
+            started = time.monotonic()
+            walk = self._log_walk = asyncio.ensure_future(
+                asyncio.to_thread(gc.disk_usage, self.paths.logs))
+
+            def done(f: "asyncio.Future[int]") -> None:
+                if self._log_walk is not f:
+                    return  # forgotten: gc ran while it walked
+                self._log_walk = None
+                if not f.cancelled() and f.exception() is None:
+                    self._log_bytes_cache = (started, f.result())
+            walk.add_done_callback(done)
+        return walk
+
+    def _forget_log_bytes(self) -> None:
+        """gc changed the logs: the next stats waits for a walk that starts after."""
+        self._log_bytes_cache = None
+        self._log_walk = None
 
     def assignees(self, p: Params, caller: Caller) -> dict[str, Any]:
         p.done()
@@ -571,7 +606,7 @@ class Board:
         async with self._gc_lock:  # one pass at a time: they would remove the same things
             report = await gc.collect(self.store, self.paths, event_days, log_days,
                                       now=self.clock(), git=git)
-        self._log_bytes_cache = None  # stats after gc shows what gc freed
+        self._forget_log_bytes()  # stats after gc shows what gc freed
         return report
 
     def backup(self, p: Params, caller: Caller) -> dict[str, Any]:

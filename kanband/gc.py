@@ -5,9 +5,10 @@
 - task log files older than N days (not of running tasks), and run
   directories of runs that ended more than N days ago.
 
-Every path is resolved (symlinks followed) and must lie inside its root
-(`<home>/workspaces`, `<repo>/.worktrees`, `<logs>`, `<home>/runs`);
-anything else is refused and counted, never deleted.
+Every tree is resolved (symlinks followed) and must lie inside its root
+(`<home>/workspaces`, `<repo>/.worktrees`, `<home>/runs`); a log must be a
+regular file directly in `<logs>`. A symlink in their place is refused and
+counted, never followed or deleted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from kanband import states, workspace
+from kanband import logfiles, states, workspace
 from kanband.paths import DaemonPaths
 from kanband.store import Store
 
@@ -61,6 +62,37 @@ def _remove_trees(trees: list[tuple[Path, Path, str]], report: dict[str, Any]) -
         _remove_tree(path, root, report, key)
 
 
+def _old_logs(root: Path, cutoff: float) -> tuple[list[Path], list[str]]:
+    """The `*.log` files directly in `root` last modified before `cutoff`, and
+    the symlinks among its `*.log` entries (refused: never followed, never
+    deleted). File work only: run on a worker thread."""
+    old: list[Path] = []
+    refused: list[str] = []
+    with os.scandir(root) as entries:
+        for e in entries:
+            if not e.name.endswith(".log"):
+                continue
+            try:
+                if e.is_symlink():
+                    refused.append(os.path.join(root, e.name))
+                elif e.is_file(follow_symlinks=False) and \
+                        e.stat(follow_symlinks=False).st_mtime < cutoff:
+                    old.append(root / e.name)
+            except OSError:
+                continue  # gone meanwhile
+    return old, refused
+
+
+def _unlink_logs(old: list[Path], cutoff: float, report: dict[str, Any]) -> None:
+    """File work only (no board state): run on a worker thread."""
+    for p in old:
+        try:
+            if logfiles.unlink_old(p, cutoff):
+                report["logs"] += 1
+        except OSError as e:
+            report["errors"].append(f"{p}: {e.strerror}")
+
+
 # Runs `git -C REPO ARGS...`; returns (exit status, its output).
 GitRunner = Callable[[Path, list[str]], Awaitable[tuple[int, str]]]
 
@@ -70,8 +102,8 @@ async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days:
     """One gc pass. In the daemon `git` runs git as a helper process the event
     loop awaits (Supervisor.git), and directory trees (workspaces, run
     directories: possibly large) are removed on a worker thread, so neither
-    blocks the loop. Log files are unlinked here, on the loop's time: a task
-    cannot start (and reopen its log) between the check and the unlink."""
+    blocks the loop. So are the task logs looked through and unlinked; a log
+    that a start opens meanwhile is kept (see kanband.logfiles)."""
     now = now if now is not None else time.time()
     report: dict[str, Any] = {"workspaces": 0, "worktrees": 0, "events": 0, "logs": 0,
                               "run_dirs": 0, "refused": [], "errors": []}
@@ -101,23 +133,23 @@ async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days:
             break
         await asyncio.sleep(0)
     cutoff = now - log_days * DAY
+    loop = asyncio.get_running_loop()
     if paths.logs.is_dir():
-        logs = [p for p in paths.logs.iterdir() if p.suffix == ".log"]
-        statuses = store.task_statuses([p.stem for p in logs if p.stem.startswith("t_")])
-        for p in logs:
-            try:
-                if p.is_symlink() or not inside(p, paths.logs):
-                    report["refused"].append(str(p))
-                    continue
-                if statuses.get(p.stem) == states.RUNNING or p.stat().st_mtime >= cutoff:
-                    continue
-                p.unlink()
-                report["logs"] += 1
-            except OSError as e:
-                report["errors"].append(f"{p}: {e.strerror}")
+        # Looking through the logs (a home may hold 100k) and unlinking them runs
+        # on a worker thread; only the board's answer (which tasks run) comes
+        # from the loop. logfiles keeps a log opened meanwhile from being unlinked.
+        logfiles.begin_pass()
+        try:
+            old, refused = await loop.run_in_executor(None, _old_logs, paths.logs, cutoff)
+            report["refused"] += refused
+            statuses = store.task_statuses([p.stem for p in old if p.stem.startswith("t_")])
+            old = [p for p in old if statuses.get(p.stem) != states.RUNNING]
+            await loop.run_in_executor(None, _unlink_logs, old, cutoff, report)
+        finally:
+            logfiles.end_pass()
     trees += [(paths.runs / run_id, paths.runs, "run_dirs")
               for run_id in store.ended_run_ids(cutoff)]
-    await asyncio.get_running_loop().run_in_executor(None, _remove_trees, trees, report)
+    await loop.run_in_executor(None, _remove_trees, trees, report)
     return report
 
 

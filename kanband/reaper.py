@@ -30,6 +30,7 @@ from typing import Any, Callable
 import psutil
 import structlog
 
+from kanband import logfiles
 from kanband.config import Profile
 
 log = structlog.get_logger("kanband.reaper")
@@ -346,12 +347,11 @@ class Reaper:
         exe = argv[0]
         if find_command(exe, env) is None:
             raise OSError(f"command not found or not executable: {exe}")
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            fd = os.open(log_path, flags, 0o600)
+            fd = logfiles.open_append(log_path)
         except FileNotFoundError:  # the logs directory went away: make it again
             log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(log_path, flags, 0o600)
+            fd = logfiles.open_append(log_path)
         try:
             if header:
                 os.write(fd, header.encode("utf-8", "replace"))
@@ -399,7 +399,7 @@ class Reaper:
         with tempfile.TemporaryFile() as inp:
             inp.write(stdin)
             inp.seek(0)
-            out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            out = logfiles.open_append(log_path)
             env = env if env is not None else child_env()
             try:
                 p = subprocess.Popen(helper_argv(argv, env), stdin=inp, stdout=out,

@@ -69,7 +69,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("task.runs", "runs", "Every run (attempt) of a task.", batch=True),
     Method("task.context", "context", "The worker context document of a task (markdown).",
            batch=True),
-    Method("board.stats", "stats", "Counts by status and assignee, ages, sizes.", batch=True),
+    # not batched: its first call after start-up or gc waits for a walk of the logs
+    Method("board.stats", "stats", "Counts by status and assignee, ages, sizes."),
     Method("board.assignees", "assignees", "Configured profiles and assignees with counts.",
            batch=True),
     Method("board.dispatch", "dispatch", "Run one dispatch pass now (dry_run reports only)."),

@@ -19,7 +19,7 @@ from typing import AbstractSet, Any
 
 import structlog
 
-from kanband import context, gc, states, workspace
+from kanband import context, gc, logfiles, states, workspace
 from kanband import reaper as reaper_mod
 from kanband.board import hash_token, new_token
 from kanband.config import Config, Profile
@@ -994,7 +994,7 @@ def _adding_key(target: Path) -> str:
 def _log_note(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = logfiles.open_append(path)
         try:
             os.write(fd, f"=== kanband: {text}\n".encode("utf-8", "replace"))
         finally:

@@ -145,11 +145,11 @@ def count_batches(store: Store, monkeypatch: pytest.MonkeyPatch, limit: int,
 
 
 def requests(n: int, first_id: int = 1) -> tuple[bytes, dict[int, str]]:
-    """n requests in one buffer, mostly batchable (create, list, stats, show of a
-    missing task) with a few that are not (ping, dispatch); msgid -> method."""
+    """n requests in one buffer, mostly batchable (create, list, assignees, show of
+    a missing task) with a few that are not (ping); msgid -> method."""
     kinds = [("task.create", lambda i: {"title": f"t{i}"}),
              ("task.list", lambda i: {}),
-             ("board.stats", lambda i: {}),
+             ("board.assignees", lambda i: {}),
              ("task.create", lambda i: {"title": f"u{i}", "body": "x"}),
              ("task.show", lambda i: {"id": "t-nonexistent"}),
              ("system.ping", lambda i: {})]
