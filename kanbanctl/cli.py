@@ -718,9 +718,9 @@ class _Formatter(argparse.HelpFormatter):
     lzma) for the width: 3 ms of every kanbanctl call."""
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
+                 width: int | None = None, **kwargs: Any) -> None:
         super().__init__(prog, indent_increment, max_help_position,
-                         _terminal_columns() - 2 if width is None else width)
+                         _terminal_columns() - 2 if width is None else width, **kwargs)
 
 
 class Parser(argparse.ArgumentParser):

@@ -78,6 +78,7 @@ class Board:
         self._log_bytes_cache: tuple[float, int] | None = None  # (monotonic, bytes)
         self._log_walk: "asyncio.Future[int] | None" = None
         self._gc_lock = asyncio.Lock()
+        self._gc_tasks: set["asyncio.Task[dict[str, Any]]"] = set()
         store.on_commit(self.events_committed)
 
     # -- caller and scope --------------------------------------------------
@@ -463,8 +464,10 @@ class Board:
                 asyncio.to_thread(gc.disk_usage, self.paths.logs))
 
             def done(f: "asyncio.Future[int]") -> None:
-                if self._log_walk is not f:
-                    return  # forgotten: gc ran while it walked
+                if self._log_walk is not f:  # forgotten: gc ran while it walked
+                    if not f.cancelled():
+                        f.exception()  # read, so asyncio does not report it unread
+                    return
                 self._log_walk = None
                 if not f.cancelled() and f.exception() is None:
                     self._log_bytes_cache = (started, f.result())
@@ -598,16 +601,21 @@ class Board:
         log_days = p.number("log_retention_days", minimum=0, maximum=36500)
         p.done()
         self.check_scope("board.gc", caller)
-        return self._gc(30.0 if event_days is None else event_days,
-                        30.0 if log_days is None else log_days)
+        # The pass runs to its end even if the client goes away meanwhile.
+        task = asyncio.ensure_future(self._gc(30.0 if event_days is None else event_days,
+                                              30.0 if log_days is None else log_days))
+        self._gc_tasks.add(task)
+        task.add_done_callback(self._gc_tasks.discard)
+        return asyncio.shield(task)
 
     async def _gc(self, event_days: float, log_days: float) -> dict[str, Any]:
         git = self.supervisor.git if self.supervisor is not None else None
         async with self._gc_lock:  # one pass at a time: they would remove the same things
-            report = await gc.collect(self.store, self.paths, event_days, log_days,
-                                      now=self.clock(), git=git)
-        self._forget_log_bytes()  # stats after gc shows what gc freed
-        return report
+            try:
+                return await gc.collect(self.store, self.paths, event_days, log_days,
+                                        now=self.clock(), git=git)
+            finally:
+                self._forget_log_bytes()  # stats after gc shows what gc freed
 
     def backup(self, p: Params, caller: Caller) -> dict[str, Any]:
         path = p.str("path", required=True, max_bytes=4096, allow_empty=False, single_line=True)

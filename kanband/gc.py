@@ -65,7 +65,9 @@ def _remove_trees(trees: list[tuple[Path, Path, str]], report: dict[str, Any]) -
 def _old_logs(root: Path, cutoff: float) -> tuple[list[Path], list[str]]:
     """The `*.log` files directly in `root` last modified before `cutoff`, and
     the symlinks among its `*.log` entries (refused: never followed, never
-    deleted). File work only: run on a worker thread."""
+    deleted); other entries (a directory, a FIFO) are left alone. Raises
+    OSError if `root` cannot be listed. File work only: run on a worker
+    thread."""
     old: list[Path] = []
     refused: list[str] = []
     with os.scandir(root) as entries:
@@ -81,6 +83,18 @@ def _old_logs(root: Path, cutoff: float) -> tuple[list[Path], list[str]]:
             except OSError:
                 continue  # gone meanwhile
     return old, refused
+
+
+async def _on_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a worker thread. Cancelled meanwhile (the client went away,
+    shutdown), it still waits for the thread to finish before it raises: the
+    caller's clean-up must not run while the thread is still at work."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
 
 
 def _unlink_logs(old: list[Path], cutoff: float, report: dict[str, Any]) -> None:
@@ -140,12 +154,16 @@ async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days:
         # from the loop. logfiles keeps a log opened meanwhile from being unlinked.
         logfiles.begin_pass()
         try:
-            old, refused = await loop.run_in_executor(None, _old_logs, paths.logs, cutoff)
+            try:
+                old, refused = await _on_thread(_old_logs, paths.logs, cutoff)
+            except OSError as e:  # the directory went away or cannot be read
+                old, refused = [], []
+                report["errors"].append(f"{paths.logs}: {e.strerror}")
             report["refused"] += refused
             statuses = store.task_statuses([p.stem for p in old if p.stem.startswith("t_")])
             old = [p for p in old if statuses.get(p.stem) != states.RUNNING]
-            await loop.run_in_executor(None, _unlink_logs, old, cutoff, report)
-        finally:
+            await _on_thread(_unlink_logs, old, cutoff, report)
+        finally:  # only once no thread of this pass unlinks any more
             logfiles.end_pass()
     trees += [(paths.runs / run_id, paths.runs, "run_dirs")
               for run_id in store.ended_run_ids(cutoff)]

@@ -155,7 +155,8 @@ def test_stats_walks_the_logs_off_the_loop_and_answers_from_the_last_walk(board,
         first = board.stats(_params(), None)
         assert asyncio.iscoroutine(first)
         waiting = asyncio.ensure_future(first)
-        for _ in range(5):  # the loop runs while the walk is held
+        await _until(lambda: len(walks) == 1)  # the loop runs while the walk is held
+        for _ in range(5):
             await asyncio.sleep(0)
         assert not waiting.done() and len(walks) == 1
         gate.set()
@@ -216,3 +217,54 @@ def test_daemon_stats_and_gc_see_a_big_logs_directory(kanband_factory, tmp_path,
         for p in logs.iterdir():
             p.unlink()
         logs.rmdir()
+
+
+def test_a_cancelled_gc_keeps_guarding_logs_until_its_thread_is_done(board, monkeypatch):
+    """A gc pass cancelled while its unlink thread works (a client gone, shutdown)
+    ends the pass only once the thread is done: a log a start opens meanwhile is
+    still kept."""
+    logs = board.paths.logs
+    names = [f"t_{i:04x}.log" for i in range(10)]
+    for n in names:
+        old_log(logs, n)
+    held, release = threading.Event(), threading.Event()
+    real = logfiles.unlink_old
+
+    def slow_unlink(path: Any, cutoff: float) -> bool:
+        if not held.is_set():
+            held.set()
+            assert release.wait(20), "the test never released the unlink"
+        return real(path, cutoff)
+    monkeypatch.setattr(logfiles, "unlink_old", slow_unlink)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        collecting = asyncio.ensure_future(gc.collect(board.store, board.paths, 30, 30))
+        await _until(held.is_set)
+        collecting.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not collecting.done()  # still waiting for its thread
+        fd = await loop.run_in_executor(None, logfiles.open_append, logs / names[-1])
+        os.close(fd)
+        aged(logs / names[-1])
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await collecting
+    asyncio.run(scenario())
+    assert (logs / names[-1]).exists()
+    assert sorted(p.name for p in logs.iterdir()) == [names[-1]]
+
+
+def test_gc_reports_a_logs_directory_it_cannot_list_and_goes_on(board, monkeypatch):
+    """A logs directory that cannot be listed is one error in the report; the rest of
+    the pass (run directories) still runs."""
+    def unreadable(root: Path, cutoff: float) -> Any:
+        raise PermissionError(13, "Permission denied", str(root))
+    monkeypatch.setattr(gc, "_old_logs", unreadable)
+    run_dir = board.paths.runs / "r_gone"
+    run_dir.mkdir(parents=True)
+    monkeypatch.setattr(board.store, "ended_run_ids", lambda cutoff: ["r_gone"])
+    report = asyncio.run(gc.collect(board.store, board.paths, 30, 30))
+    assert report["errors"] == [f"{board.paths.logs}: Permission denied"]
+    assert report["run_dirs"] == 1 and not run_dir.exists()
