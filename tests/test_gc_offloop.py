@@ -39,6 +39,20 @@ def old_log(logs: Path, name: str, text: str = "output\n") -> Path:
     return aged(p)
 
 
+def hold_first_unlink(monkeypatch: Any) -> tuple[threading.Event, threading.Event]:
+    """A slow disk: gc's first unlink sets `held`, then waits for `release`."""
+    held, release = threading.Event(), threading.Event()
+    real = logfiles.unlink_old
+
+    def slow_unlink(path: Any, cutoff: float) -> bool:
+        if not held.is_set():
+            held.set()
+            assert release.wait(20), "the test never released the unlink"
+        return real(path, cutoff)
+    monkeypatch.setattr(logfiles, "unlink_old", slow_unlink)
+    return held, release
+
+
 @pytest.fixture
 def board(tmp_path: Path) -> Iterator[Board]:
     paths = resolve_daemon_paths(str(tmp_path / "home"), env={})
@@ -87,15 +101,7 @@ def test_gc_unlinks_logs_off_the_loop_and_keeps_one_a_start_opens_meanwhile(boar
     names = [f"t_{i:04x}.log" for i in range(20)]
     for n in names:
         old_log(logs, n)
-    held, release = threading.Event(), threading.Event()
-    real = logfiles.unlink_old
-
-    def slow_unlink(path: Any, cutoff: float) -> bool:
-        if not held.is_set():
-            held.set()
-            assert release.wait(20), "the test never released the unlink"
-        return real(path, cutoff)
-    monkeypatch.setattr(logfiles, "unlink_old", slow_unlink)
+    held, release = hold_first_unlink(monkeypatch)
 
     async def scenario() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -227,15 +233,7 @@ def test_a_cancelled_gc_keeps_guarding_logs_until_its_thread_is_done(board, monk
     names = [f"t_{i:04x}.log" for i in range(10)]
     for n in names:
         old_log(logs, n)
-    held, release = threading.Event(), threading.Event()
-    real = logfiles.unlink_old
-
-    def slow_unlink(path: Any, cutoff: float) -> bool:
-        if not held.is_set():
-            held.set()
-            assert release.wait(20), "the test never released the unlink"
-        return real(path, cutoff)
-    monkeypatch.setattr(logfiles, "unlink_old", slow_unlink)
+    held, release = hold_first_unlink(monkeypatch)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
