@@ -442,6 +442,7 @@ def throughput(quick: bool) -> list[Row]:
         scratch workspace, task log with its header line, which becomes the
         worker's output). What any daemon keeping kanband's worker and file
         layout must pay per task before any bookkeeping of its own."""
+        from kanband.logfiles import open_append
         from kanband.reaper import EXIT_FILE, SHELL_SHIM, SHELL_TEXT
         base = h.new_root("kbfloor")
         for sub in ("runs", "workspaces", "logs"):
@@ -461,8 +462,7 @@ def throughput(quick: bool) -> list[Row]:
                 (run / "context.md").write_text(context)
                 cwd = base / "workspaces" / f"t_{i}"
                 cwd.mkdir(mode=0o700)
-                out = os.open(base / "logs" / f"t_{i}.log",
-                              os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                out = open_append(base / "logs" / f"t_{i}.log")  # as a start opens it
                 os.write(out, b"=== kanband: run r_0 (shell) started at 2026-01-01 00:00:00: true\n")
             try:
                 return subprocess.run(["/bin/sh", "-c", SHELL_SHIM, "kanband-worker",

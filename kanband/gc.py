@@ -147,7 +147,6 @@ async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days:
             break
         await asyncio.sleep(0)
     cutoff = now - log_days * DAY
-    loop = asyncio.get_running_loop()
     if paths.logs.is_dir():
         # Looking through the logs (a home may hold 100k) and unlinking them runs
         # on a worker thread; only the board's answer (which tasks run) comes
@@ -167,7 +166,7 @@ async def collect(store: Store, paths: DaemonPaths, event_days: float, log_days:
             logfiles.end_pass()
     trees += [(paths.runs / run_id, paths.runs, "run_dirs")
               for run_id in store.ended_run_ids(cutoff)]
-    await loop.run_in_executor(None, _remove_trees, trees, report)
+    await asyncio.get_running_loop().run_in_executor(None, _remove_trees, trees, report)
     return report
 
 

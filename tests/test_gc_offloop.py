@@ -106,11 +106,9 @@ def test_gc_unlinks_logs_off_the_loop_and_keeps_one_a_start_opens_meanwhile(boar
     async def scenario() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         collecting = asyncio.ensure_future(gc.collect(board.store, board.paths, 30, 30))
-        ticks = 0
         await _until(held.is_set)  # the loop runs while gc works
-        while ticks < 5:  # ... and while the unlink is held
+        for _ in range(5):  # ... and while the unlink is held
             await asyncio.sleep(0)
-            ticks += 1
         assert not collecting.done()
         # a start opens the last log now (on a spawn thread, as the supervisor does)
         fd = await loop.run_in_executor(None, logfiles.open_append, logs / names[-1])
